@@ -1,0 +1,58 @@
+"""Language-model evaluation shared by training's periodic eval and `eval.py`.
+
+Sums are accumulated per batch on device and in float64 on the host, so the same params and the
+same split give the same numbers whichever entry point asks.
+"""
+import math
+from typing import Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+LN2 = math.log(2.0)
+
+
+def token_sums(logits, batch):
+  """Weighted sums over a batch: nats, weights, correct predictions and target bytes."""
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
+                                                           batch["targets"])
+  w = batch["weights"].astype(jnp.float32)
+  correct = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
+  return {
+      "nats": jnp.sum(losses * w),
+      "weights": jnp.sum(w),
+      "correct": jnp.sum(correct * w),
+      "bytes": jnp.sum(batch["target_bytes"].astype(jnp.float32) * w),
+  }
+
+
+def summarize(sums: dict) -> dict:
+  """Loss, perplexity, bits per byte and token accuracy from accumulated sums."""
+  weights = max(sums["weights"], 1.0)
+  loss = sums["nats"] / weights
+  summary = {
+      "loss": loss,
+      "perplexity": math.exp(min(loss, 700.0)),
+      "bits_per_byte": sums["nats"] / LN2 / max(sums["bytes"], 1.0),
+      "token_accuracy": sums["correct"] / weights,
+      "num_tokens": sums["weights"],
+  }
+  if "macs" in sums:
+    summary["macs_per_token"] = sums["macs"] / weights
+  return summary
+
+
+def evaluate(eval_step: Callable, params, batches: Iterable[dict], to_device: Callable,
+             progress: Callable[[int], None] = lambda i: None) -> dict:
+  """Runs `eval_step(params, batch) -> sums` over `batches` and summarises."""
+  totals = None
+  for i, batch in enumerate(batches):
+    sums = jax.device_get(eval_step(params, to_device(batch)))
+    sums = {k: np.float64(v) for k, v in sums.items()}
+    totals = sums if totals is None else {k: totals[k] + sums[k] for k in totals}
+    progress(i + 1)
+  if totals is None:
+    raise ValueError("The evaluation split yielded no batches; check the dataset and split.")
+  return summarize(totals)

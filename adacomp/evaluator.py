@@ -1,0 +1,68 @@
+"""Evaluates a saved checkpoint: rebuilds the model from the gin config stored with it."""
+import json
+import time
+from typing import Optional
+
+import gin
+import jax
+import flax.linen as nn
+from etils import epath
+
+from adacomp import checkpointing
+from adacomp import evaluation
+from adacomp import sharding
+from adacomp import skip_schedule
+from adacomp import data as data_lib
+from adacomp.training import build_decoder, make_eval_step
+
+
+def _progress(total: Optional[int]):
+  start = time.time()
+
+  def report(i):
+    if i == 1 or i % 10 == 0 or i == total:
+      of = f"/{total}" if total else ""
+      print(f"  eval batch {i}{of} ({time.time() - start:.1f}s)", flush=True)
+
+  return report
+
+
+@gin.configurable(denylist=["checkpoint_dir", "meta", "step"])
+def evaluate_checkpoint(checkpoint_dir: str, meta: dict, step: int, *,
+                        split: str = "validation", batch_size: Optional[int] = None,
+                        seq_len: Optional[int] = None, eval_batches: Optional[int] = -1,
+                        output: Optional[str] = None) -> dict:
+  """Loss, perplexity, bits per byte, token accuracy and MACs/token of a checkpoint on a split.
+
+  Defaults repeat the training run's own evaluation (its batch size, sequence length and
+  number of batches), so the figure matches the validation loss training reported.
+  `eval_batches=None` evaluates the whole split.
+  """
+  batch_size = batch_size or meta["batch_size"]
+  seq_len = seq_len or meta["seq_len"]
+  eval_batches = meta.get("eval_batches") if eval_batches == -1 else eval_batches
+  mesh = sharding.make_mesh()
+  rules = sharding.logical_axis_rules()
+  data = data_lib.lm_dataset(split, batch_size=batch_size, seq_len=seq_len, train=False,
+                    eval_max_batches=eval_batches)
+  model = build_decoder(data.tokenizer.vocab_size)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0),
+                                              jax.numpy.zeros((1, seq_len), "int32")))["params"]
+    shardings = sharding.logical_shardings(boxed, mesh, rules)
+    abstract = sharding.abstract_with_shardings(boxed, shardings)
+    params = checkpointing.restore_params(checkpoint_dir, abstract, step=step)
+    layer_mask = skip_schedule.layer_mask_for_training(seq_len, model.config.num_layers)
+    summary = evaluation.evaluate(jax.jit(make_eval_step(model, layer_mask)), params, data,
+                                  lambda b: sharding.global_batch(b, mesh),
+                                  progress=_progress(eval_batches))
+  report = {"checkpoint_dir": str(checkpoint_dir), "step": step, "split": split,
+            "batch_size": batch_size, "seq_len": seq_len, "eval_batches": eval_batches,
+            **summary}
+  if output is None:
+    output = str(checkpointing.checkpoint_root(checkpoint_dir).parent /
+                 f"eval_{split}_step{step}.json")
+  if jax.process_index() == 0:
+    epath.Path(output).write_text(json.dumps(report, indent=2))
+  report["output"] = output
+  return report

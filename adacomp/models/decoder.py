@@ -1,0 +1,101 @@
+"""Decoder-only Transformer language model, the backbone every language method shares.
+
+ids -> Embed -> L x DecoderBlock (stacked with `nn.scan` or unrolled) -> RMSNorm -> logits
+(tied to the embedding or a separate projection). Float32 parameters; the compute dtype is
+`DecoderConfig.dtype` (bfloat16 on accelerators, as on TPU).
+"""
+import dataclasses
+from typing import Any, Optional
+
+import flax.linen as nn
+import gin
+import jax.numpy as jnp
+
+from layers.block import DecoderBlock
+from layers.embedding import Embed
+from layers.mlp import DenseFFN
+from layers.normalization import RMSNorm
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def parse_dtype(name):
+  if not isinstance(name, str):
+    return name
+  if name not in _DTYPES:
+    raise ValueError(f"Unknown dtype {name!r}; use one of {sorted(_DTYPES)}.")
+  return _DTYPES[name]
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+  """Everything that defines the decoder; sizes come from configs/sizes/*.gin."""
+  vocab_size: Optional[int] = None  # None: taken from the tokenizer by the trainer
+  num_layers: int = 4
+  d_model: int = 128
+  num_heads: int = 4
+  head_dim: int = 32
+  d_ff: int = 512
+  max_len: int = 1024
+  activation: str = "gelu"
+  rope_base: float = 10000.0
+  rope_fraction: float = 1.0
+  tied_embeddings: bool = True
+  scan_layers: bool = True
+  remat: bool = False
+  dtype: Any = "float32"
+  param_dtype: Any = "float32"
+  ffn_cls: Any = DenseFFN
+
+
+class DecoderLM(nn.Module):
+  config: DecoderConfig
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, ids, positions=None, layer_mask=None):
+    """ids: [b, t] int; returns float32 logits [b, t, vocab].
+
+    layer_mask: optional bool [num_layers, t] or [num_layers, b, t]; where False the layer is
+    the identity for that token (SkipDecode training, layer-skipping ablations).
+    """
+    cfg = self.config
+    dtype, param_dtype = parse_dtype(cfg.dtype), parse_dtype(cfg.param_dtype)
+    b, t = ids.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    embed = Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=param_dtype,
+                  embedding_init=nn.initializers.normal(stddev=cfg.d_model ** -0.5),
+                  name="embed")
+    x = embed(ids)
+    x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
+
+    block_kw = dict(num_heads=cfg.num_heads, head_dim=cfg.head_dim, d_ff=cfg.d_ff,
+                    activation=cfg.activation, rope_base=cfg.rope_base,
+                    rope_fraction=cfg.rope_fraction, ffn_cls=cfg.ffn_cls, decode=self.decode,
+                    dtype=dtype, param_dtype=param_dtype)
+    block_cls = nn.remat(DecoderBlock) if cfg.remat else DecoderBlock
+    if cfg.scan_layers:
+      x, _ = nn.scan(
+          lambda module, carry, pos, active: (module(carry, pos, active), None),
+          variable_axes={"params": 0, "cache": 0, "intermediates": 0},
+          split_rngs={"params": True, "dropout": True, "routing": True},
+          in_axes=(nn.broadcast, nn.broadcast if layer_mask is None else 0),
+          length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"},
+      )(block_cls(name="blocks", **block_kw), x, positions, layer_mask)
+    else:
+      for i in range(cfg.num_layers):
+        active = None if layer_mask is None else layer_mask[i]
+        x = block_cls(name=f"block_{i}", **block_kw)(x, positions, active)
+
+    x = RMSNorm(dtype=dtype, param_dtype=param_dtype, name="final_norm")(x)
+    if cfg.tied_embeddings:
+      logits = embed.attend(x)
+    else:
+      w = self.param("logits", nn.with_logical_partitioning(
+          nn.initializers.normal(stddev=cfg.d_model ** -0.5), ("embed", "vocab")),
+                     (cfg.d_model, cfg.vocab_size), param_dtype)
+      logits = jnp.einsum("btd,dv->btv", x, w.astype(dtype), preferred_element_type=jnp.float32)
+    self.sow("intermediates", "macs", jnp.full((b, t), cfg.d_model * cfg.vocab_size, jnp.float32))
+    return nn.with_logical_constraint(logits, ("act_batch", "act_length", "act_vocab"))

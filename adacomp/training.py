@@ -1,0 +1,310 @@
+"""The training loop every method shares (`train.py` calls `train`).
+
+gin -> mesh, input pipeline, model, optax optimizer, sharded train state, orbax manager; then
+`num_steps` jit-compiled steps with periodic evaluation, metrics to stdout / JSONL / TensorBoard,
+and checkpoints that include the input iterator's position, so a restarted run continues the same
+data stream and ends on the same parameters as an uninterrupted one.
+
+The step's loss is the task's cross-entropy plus every scalar a layer sows into the `losses`
+collection (router, budget and distillation terms of the adaptive methods).
+"""
+import dataclasses
+import math
+import time
+from typing import Any, Optional
+
+import flax
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from etils import epath
+
+from adacomp import checkpointing
+from adacomp import evaluation
+from adacomp import metrics as metrics_lib
+from adacomp import sharding
+from adacomp import skip_schedule
+from adacomp import data as data_lib
+from adacomp.models.decoder import DecoderConfig, DecoderLM
+
+RNG_STREAMS = ("dropout", "routing")
+
+
+class TrainingDivergedError(FloatingPointError):
+  """The loss became NaN or infinite; no checkpoint was written after it happened."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+@gin.configurable
+def make_optimizer(num_steps: int, *, learning_rate: float = 3e-3, warmup_steps: int = 100,
+                   schedule: str = "cosine", decay_steps: Optional[int] = None,
+                   end_lr_fraction: float = 0.1, b1: float = 0.9, b2: float = 0.95,
+                   eps: float = 1e-8, weight_decay: float = 0.1,
+                   grad_clip_norm: Optional[float] = 1.0) -> optax.GradientTransformation:
+  """AdamW with linear warm-up then cosine/linear decay or a constant rate.
+
+  `decay_steps` defaults to the run's `num_steps`; fix it when a run is split into parts so that
+  every part sees the same schedule. Norm scales are not weight-decayed.
+  """
+  decay_steps = num_steps if decay_steps is None else decay_steps
+  after = max(decay_steps - warmup_steps, 1)
+  if schedule == "cosine":
+    decay = optax.cosine_decay_schedule(learning_rate, after, alpha=end_lr_fraction)
+  elif schedule == "linear":
+    decay = optax.linear_schedule(learning_rate, learning_rate * end_lr_fraction, after)
+  elif schedule == "constant":
+    decay = optax.constant_schedule(learning_rate)
+  else:
+    raise ValueError(f"make_optimizer.schedule={schedule!r}; use 'cosine', 'linear' or "
+                     f"'constant'.")
+  lr = optax.join_schedules(
+      [optax.linear_schedule(0.0, learning_rate, warmup_steps), decay], [warmup_steps])
+
+  def decay_mask(params):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: not any("norm" in str(getattr(k, "key", "")) or
+                                str(getattr(k, "key", "")) == "scale" for k in path), params)
+
+  chain = [optax.clip_by_global_norm(grad_clip_norm)] if grad_clip_norm else []
+  chain.append(optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                           mask=decay_mask))
+  return optax.chain(*chain)
+
+
+def build_decoder(vocab_size: int, config: Optional[DecoderConfig] = None,
+                  decode: bool = False) -> DecoderLM:
+  """The gin-configured decoder, with the tokenizer's vocabulary unless the config fixes one."""
+  config = DecoderConfig() if config is None else config
+  if config.vocab_size is None:
+    config = dataclasses.replace(config, vocab_size=vocab_size)
+  elif config.vocab_size < vocab_size:
+    raise ValueError(f"DecoderConfig.vocab_size={config.vocab_size} is smaller than the "
+                     f"tokenizer's {vocab_size} ids; remove the binding or raise it.")
+  return DecoderLM(config, decode=decode)
+
+
+def sum_sown(tree) -> jax.Array:
+  """Sum of every scalar sown into a collection (losses), 0.0 when there are none."""
+  leaves = jax.tree.leaves(tree)
+  return sum((jnp.sum(x) for x in leaves), jnp.zeros((), jnp.float32))
+
+
+def macs_per_token(intermediates, shape) -> jax.Array:
+  """Adds up every sown `macs` array into one [batch, length] array."""
+  total = jnp.zeros(shape, jnp.float32)
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(intermediates))
+  for path, values in flat.items():
+    if path[-1] != "macs":
+      continue
+    for v in values:
+      total = total + jnp.sum(v.reshape((-1,) + shape), axis=0)
+  return total
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, seed: int,
+                    layer_mask: Optional[np.ndarray] = None):
+  base_key = jax.random.key(seed)
+
+  def train_step(state: TrainState, batch):
+    step_key = jax.random.fold_in(base_key, state.step)
+    rngs = {name: jax.random.fold_in(step_key, i) for i, name in enumerate(RNG_STREAMS)}
+
+    def loss_fn(params):
+      logits, mutables = model.apply({"params": params}, batch["inputs"], rngs=rngs,
+                                     layer_mask=layer_mask, mutable=["losses"])
+      sums = evaluation.token_sums(logits, batch)
+      ce = sums["nats"] / jnp.maximum(sums["weights"], 1.0)
+      aux = sum_sown(mutables.get("losses", {}))
+      return ce + aux, (sums, ce, aux)
+
+    grads, (sums, ce, aux) = jax.grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    metrics = {"loss": ce, "aux_loss": aux, "grad_norm": optax.global_norm(grads),
+               "bits_per_byte": sums["nats"] / evaluation.LN2 / jnp.maximum(sums["bytes"], 1.0),
+               "tokens": sums["weights"]}
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(model: nn.Module, layer_mask: Optional[np.ndarray] = None):
+
+  def eval_step(params, batch):
+    logits, mutables = model.apply({"params": params}, batch["inputs"], layer_mask=layer_mask,
+                                   mutable=["intermediates"])
+    sums = evaluation.token_sums(logits, batch)
+    macs = macs_per_token(mutables.get("intermediates", {}), batch["inputs"].shape)
+    sums["macs"] = jnp.sum(macs * batch["weights"])
+    return sums
+
+  return eval_step
+
+
+def init_train_state(model: nn.Module, tx, seq_len: int, seed: int, mesh, rules):
+  """Sharded train state initialised under jit, and its (unboxed) abstract shape."""
+
+  batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+
+  def init_fn(key):
+    variables = model.init(key, jnp.zeros((batch_shards, seq_len), jnp.int32))
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+  key = jax.random.key(seed)
+  boxed = jax.eval_shape(init_fn, key)
+  shardings = sharding.logical_shardings(boxed, mesh, rules)
+  state = jax.jit(lambda k: sharding.strip_boxes(init_fn(k)), out_shardings=shardings)(key)
+  abstract = sharding.abstract_with_shardings(boxed, shardings)
+  return state, abstract, shardings
+
+
+def _check_finite(step: int, host_metrics: dict, manager) -> None:
+  loss = host_metrics["loss"]
+  if not math.isfinite(loss):
+    manager.wait_until_finished()
+    latest = manager.latest_step()
+    kept = (f"The last good checkpoint (step {latest}) in {manager.directory} is kept "
+            f"untouched." if latest is not None else "No checkpoint had been saved yet.")
+    raise TrainingDivergedError(
+        f"Loss is {loss} at step {step}: training diverged. {kept} Lower the learning rate "
+        f"(make_optimizer.learning_rate), lengthen warm-up (make_optimizer.warmup_steps) or "
+        f"clip gradients (make_optimizer.grad_clip_norm), then rerun: it resumes from there.")
+
+
+def _flops(compiled) -> Optional[float]:
+  """FLOPs of one compiled step as XLA counts them (None where the backend does not say)."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
+  return float((cost or {}).get("flops", 0.0)) or None
+
+
+def count_params(tree) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+@gin.configurable(denylist=["workdir"])
+def train(workdir: str, *, num_steps: int = gin.REQUIRED, batch_size: int = 16,
+          seq_len: int = 256, seed: int = 0, log_every: int = 50, eval_every: int = 500,
+          eval_batches: Optional[int] = 32, peak_flops_per_device: Optional[float] = None,
+          model_config: Optional[DecoderConfig] = None,
+          init_checkpoint: Optional[str] = None) -> dict:
+  """Trains the gin-configured model in `workdir`; returns the final evaluation summary.
+
+  `init_checkpoint` (a workdir or its checkpoints/ folder) starts a new run from another run's
+  params with a fresh optimizer (fine-tuning); a run that already has checkpoints of its own
+  resumes from them instead.
+  """
+  workdir_path = checkpointing.ensure_writable(workdir)
+  model_config = DecoderConfig() if model_config is None else model_config
+  if seq_len > model_config.max_len:
+    raise ValueError(
+        f"train.seq_len={seq_len} exceeds the model's DecoderConfig.max_len="
+        f"{model_config.max_len}; lower train.seq_len or raise DecoderConfig.max_len.")
+
+  mesh = sharding.make_mesh()
+  rules = sharding.logical_axis_rules()
+  train_data = data_lib.lm_dataset("train", batch_size=batch_size, seq_len=seq_len, train=True,
+                          seed=seed)
+  model = build_decoder(train_data.tokenizer.vocab_size, model_config)
+  tx = make_optimizer(num_steps)
+  manager = checkpointing.make_manager(str(workdir_path))
+  config_str = gin.config_str()
+  if jax.process_index() == 0:
+    (workdir_path / "config.gin").write_text(config_str)
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    state, abstract, state_sharding = init_train_state(model, tx, seq_len, seed, mesh, rules)
+    train_iter = iter(train_data)
+    start_step = 0
+    latest = manager.latest_step()
+    if latest is not None:
+      params, opt_state, _ = checkpointing.restore(manager, latest, abstract, train_iter)
+      state = state.replace(step=jnp.asarray(latest, jnp.int32), params=params,
+                            opt_state=opt_state)
+      start_step = latest
+      print(f"Resuming from checkpoint step {latest} in {manager.directory}", flush=True)
+    elif init_checkpoint:
+      params = checkpointing.restore_params(init_checkpoint, abstract.params)
+      state = state.replace(params=params)
+      print(f"Initialised params from {init_checkpoint}", flush=True)
+    if latest is None:
+      print(f"Model: {count_params(state.params):,} parameters; mesh "
+            f"{dict(mesh.shape)}; {jax.device_count()} device(s), "
+            f"{jax.process_count()} process(es)", flush=True)
+
+    layer_mask = skip_schedule.layer_mask_for_training(seq_len, model.config.num_layers)
+    step_fn = jax.jit(make_train_step(model, tx, seed, layer_mask), donate_argnums=0,
+                      out_shardings=(state_sharding, None))
+    eval_fn = jax.jit(make_eval_step(model, layer_mask))
+    writer = metrics_lib.MetricWriter(str(workdir_path), num_steps)
+    meta = {"gin_config": config_str, "seq_len": seq_len, "batch_size": batch_size,
+            "eval_batches": eval_batches, "vocab_size": model.config.vocab_size}
+
+    def run_eval(step):
+      data = data_lib.lm_dataset("validation", batch_size=batch_size, seq_len=seq_len, train=False,
+                        eval_max_batches=eval_batches)
+      summary = evaluation.evaluate(eval_fn, state.params, data,
+                                    lambda b: sharding.global_batch(b, mesh))
+      writer.write(step, "validation", summary)
+      print(f"  eval @ step {step}: loss {summary['loss']:.4f} | bits/byte "
+            f"{summary['bits_per_byte']:.4f} | token acc {summary['token_accuracy']:.3f} | "
+            f"{int(summary['num_tokens']):,} tokens", flush=True)
+      return summary
+
+    compiled_step, flops_per_step = None, None
+    pending, window_start, window_steps, paused = [], time.time(), 0, 0.0
+    summary = None
+    step = start_step
+    for step in range(start_step + 1, num_steps + 1):
+      batch = sharding.global_batch(next(train_iter), mesh)
+      if compiled_step is None:
+        compiled_step = step_fn.lower(state, batch).compile()
+        flops_per_step = _flops(compiled_step)
+        window_start = time.time()
+      state, step_metrics = compiled_step(state, batch)
+      pending.append(step_metrics)
+      window_steps += 1
+      last = step == num_steps
+      if step % log_every == 0 or last or manager.should_save(step):
+        host = jax.device_get(pending)
+        pending = []
+        for offset, m in enumerate(host):
+          _check_finite(step - len(host) + 1 + offset, {k: float(v) for k, v in m.items()},
+                        manager)
+        if step % log_every == 0 or last:
+          elapsed = max(time.time() - window_start - paused, 1e-9)
+          scalars = {k: float(np.mean([m[k] for m in host])) for k in host[-1]}
+          tokens = float(sum(m["tokens"] for m in host))
+          scalars.update(step_ms=1000 * elapsed / window_steps, tokens_per_s=tokens / elapsed)
+          if flops_per_step:
+            scalars["tflops_per_s"] = flops_per_step * window_steps / elapsed / 1e12
+            if peak_flops_per_device:
+              scalars["mfu"] = scalars["tflops_per_s"] * 1e12 / (
+                  peak_flops_per_device * jax.local_device_count())
+          writer.write(step, "train", scalars)
+          writer.progress(step, scalars, start_step)
+          window_start, window_steps, paused = time.time(), 0, 0.0
+      side_start = time.time()
+      if (eval_every and step % eval_every == 0) or last:
+        summary = run_eval(step)
+      checkpointing.save(manager, step, state, train_iter, meta, force=last)
+      paused += time.time() - side_start
+    if summary is None:
+      summary = run_eval(step)
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+  logging.info("Training finished at step %d", step)
+  return summary

@@ -1,0 +1,48 @@
+r"""Evaluates a checkpoint with the gin config it was trained with.
+
+  python eval.py --checkpoint_dir=/tmp/dense
+  python eval.py --checkpoint_dir=/tmp/dense --gin_bindings="evaluate_checkpoint.split='test'" \
+      --gin_bindings='evaluate_checkpoint.eval_batches=None'
+
+Prints loss, perplexity, bits per byte and token accuracy and writes them to a JSON report
+(`<workdir>/eval_<split>_step<N>.json` unless evaluate_checkpoint.output says otherwise).
+"""
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+
+flags.DEFINE_string("checkpoint_dir", None, "A training --workdir or its checkpoints/ folder.")
+flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+flags.DEFINE_multi_string("gin_file", [], "Extra gin files applied over the saved config.")
+flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings applied over the saved config.")
+flags.mark_flag_as_required("checkpoint_dir")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax and tfds are chatty at INFO
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  import gin  # pylint: disable=g-import-not-at-top
+  from adacomp import checkpointing, evaluator, gin_utils  # pylint: disable=g-import-not-at-top
+  try:
+    step, meta = checkpointing.read_meta(FLAGS.checkpoint_dir, FLAGS.step)
+    gin_utils.parse([], [], finalize=False)
+    gin.parse_config(meta["gin_config"])
+    gin_utils.parse(FLAGS.gin_file, FLAGS.gin_bindings)
+    report = evaluator.evaluate_checkpoint(FLAGS.checkpoint_dir, meta, step)
+  except (ValueError, PermissionError) as e:
+    print(f"\nERROR: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
+  print(f"\nStep {report['step']} on {report['split']}: loss {report['loss']:.4f} | "
+        f"perplexity {report['perplexity']:.3f} | bits/byte {report['bits_per_byte']:.4f} | "
+        f"token accuracy {report['token_accuracy']:.4f} | "
+        f"{report['macs_per_token'] / 1e6:.3f} MMACs/token | {int(report['num_tokens']):,} "
+        f"tokens\nReport: {report['output']}", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

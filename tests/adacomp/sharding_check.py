@@ -1,0 +1,53 @@
+"""Run as a script with 8 simulated CPU devices; prints JSON for test_sharding.py.
+
+Trains a few steps of a small decoder on one device and on a data x fsdp = 2 x 4 mesh from
+the same initial parameters and batches, and reports both losses and how params are sharded.
+"""
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import flax.linen as nn  # pylint: disable=g-import-not-at-top
+import jax
+import numpy as np
+
+from adacomp import sharding, training
+from adacomp.models.decoder import DecoderConfig
+
+
+def run(mesh, steps=3):
+  rules = sharding.logical_axis_rules()
+  cfg = DecoderConfig(vocab_size=64, num_layers=2, d_model=64, num_heads=4, head_dim=16,
+                      d_ff=128, max_len=32)
+  model = training.build_decoder(64, cfg)
+  tx = training.make_optimizer(10, learning_rate=1e-2, warmup_steps=0)
+  rng = np.random.default_rng(0)
+  losses = []
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    state, _, shardings = training.init_train_state(model, tx, 16, 0, mesh, rules)
+    step = jax.jit(training.make_train_step(model, tx, 0), out_shardings=(shardings, None))
+    for _ in range(steps):
+      ids = rng.integers(0, 64, (8, 17))
+      batch = {"inputs": ids[:, :-1].astype(np.int32), "targets": ids[:, 1:].astype(np.int32),
+               "weights": np.ones((8, 16), np.float32),
+               "target_bytes": np.ones((8, 16), np.float32)}
+      state, metrics = step(state, sharding.global_batch(batch, mesh))
+      losses.append(float(metrics["loss"]))
+  wi = state.params["blocks"]["ffn"]["wi"]
+  return losses, {"wi_spec": str(wi.sharding.spec),
+                  "wi_shard_shape": list(wi.addressable_shards[0].data.shape),
+                  "wi_shape": list(wi.shape),
+                  "batch_spec": str(sharding.batch_sharding(mesh).spec)}
+
+
+def main():
+  devices = jax.devices()
+  assert len(devices) == 8, devices
+  one, _ = run(sharding.make_mesh(data=1, fsdp=1, tensor=1, devices=devices[:1]))
+  eight, info = run(sharding.make_mesh(data=2, fsdp=4, tensor=1, devices=devices))
+  json.dump({"one_device": one, "eight_devices": eight, **info}, sys.stdout)
+
+
+if __name__ == "__main__":
+  main()

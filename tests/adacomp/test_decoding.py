@@ -1,0 +1,113 @@
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from adacomp import decoding, skip_schedule
+from adacomp.models.decoder import DecoderConfig, DecoderLM
+
+CFG = DecoderConfig(vocab_size=50, num_layers=4, d_model=32, num_heads=2, head_dim=16, d_ff=64,
+                    max_len=64)
+
+
+@pytest.fixture(scope="module")
+def params():
+  return nn.meta.unbox(DecoderLM(CFG).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))[
+      "params"])
+
+
+def _tokens(b=2, t=12):
+  return jax.random.randint(jax.random.key(3), (b, t), 0, CFG.vocab_size)
+
+
+def test_full_schedule_decoding_equals_teacher_forced_forward_pass(params):
+  tokens = _tokens()
+  full = DecoderLM(CFG).apply({"params": params}, tokens)
+  schedule = skip_schedule.full_schedule(12, CFG.num_layers)
+  got = decoding.teacher_forced_logits(decoding.Decoder(CFG), params, tokens, schedule,
+                                       prompt_len=3)
+  np.testing.assert_allclose(got, full, rtol=2e-4, atol=2e-4)
+
+
+def test_skip_schedule_decoding_equals_the_masked_forward_pass(params):
+  tokens = _tokens()
+  schedule = skip_schedule.linear_skip_schedule(12, CFG.num_layers, min_active=1, warmup_len=3,
+                                                warmup_layers=1)
+  assert schedule[3] == 4 and schedule[-1] == 1
+  mask = skip_schedule.active_layer_mask(schedule, CFG.num_layers, warmup_layers=1)
+  want = DecoderLM(CFG).apply({"params": params}, tokens, layer_mask=jnp.asarray(mask))
+  got = decoding.teacher_forced_logits(decoding.Decoder(CFG, warmup_layers=1), params, tokens,
+                                       schedule, prompt_len=3)
+  np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+  # The skipped layers changed the result: the test is not vacuous.
+  full = DecoderLM(CFG).apply({"params": params}, tokens)
+  assert not np.allclose(got[:, 8:], full[:, 8:], atol=1e-3)
+
+
+def test_decode_step_compiled_cost_falls_with_active_layers(params):
+  decoder = decoding.Decoder(CFG)
+  cache = decoder.init_cache(2, 16)
+  token = jnp.zeros((2,), jnp.int32)
+  flops = []
+  for active in (4, 3, 2, 1):
+    compiled = jax.jit(decoder.step, static_argnums=(4,)).lower(
+        params, cache, token, 5, active).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops.append(cost["flops"])
+  per_layer = np.diff(flops[::-1])
+  assert all(a > b for a, b in zip(flops, flops[1:])), flops
+  # Each dropped layer removes the same amount of work.
+  np.testing.assert_allclose(per_layer, per_layer[0], rtol=0.05)
+
+
+def test_decode_steps_never_rewrite_earlier_cache_entries(params):
+  decoder = decoding.Decoder(CFG)
+  tokens = _tokens(t=8)
+  cache = decoder.init_cache(2, 8)
+  _, cache = decoder.prefill(params, cache, tokens[:, :3])
+  schedule = skip_schedule.linear_skip_schedule(8, CFG.num_layers, warmup_len=3)
+  for position in range(3, 8):
+    before = jax.tree.map(np.asarray, cache["attn"])
+    _, cache = decoder.step(params, cache, tokens[:, position], position,
+                            jnp.asarray(schedule[position]))
+    for name in ("cached_key", "cached_value"):
+      np.testing.assert_array_equal(np.asarray(cache["attn"][name])[:, :, :position],
+                                    before[name][:, :, :position])
+
+
+def test_schedule_is_non_increasing_and_hits_its_bounds():
+  s = skip_schedule.linear_skip_schedule(100, 12, max_active=10, min_active=2, warmup_len=20)
+  assert np.all(np.diff(s) <= 0)
+  assert s[:21].tolist() == [10] * 21 and s[-1] == 2
+
+
+def test_active_layer_mask_keeps_warmup_and_top_layers_and_is_nested():
+  mask = skip_schedule.active_layer_mask(np.array([6, 4, 2]), 6, warmup_layers=1)
+  assert mask[:, 0].tolist() == [True] * 6
+  assert mask[:, 1].tolist() == [True, False, False, True, True, True]
+  assert mask[:, 2].tolist() == [True, False, False, False, False, True]
+  assert np.all(mask[:, 2] <= mask[:, 1]) and np.all(mask[:, 1] <= mask[:, 0])
+
+
+def test_greedy_generation_extends_the_prompt_with_argmax_tokens(params):
+  decoder = decoding.Decoder(CFG)
+  prompt = _tokens(t=4)
+  schedule = jnp.asarray(skip_schedule.full_schedule(10, CFG.num_layers))
+  out = decoding.generate(decoder, params, prompt, schedule, jax.random.key(0),
+                          max_new_tokens=6)
+  assert out.shape == (2, 10)
+  np.testing.assert_array_equal(out[:, :4], prompt)
+  logits = DecoderLM(CFG).apply({"params": params}, out)
+  np.testing.assert_array_equal(out[:, 4:], jnp.argmax(logits[:, 3:-1], axis=-1))
+
+
+def test_top_k_one_sampling_is_greedy_and_top_p_keeps_the_mass():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+  key = jax.random.key(0)
+  cfg = decoding.SamplingConfig(temperature=1.0, top_k=1)
+  assert int(decoding.sample(logits, key, cfg)[0]) == 0
+  cfg = decoding.SamplingConfig(temperature=1.0, top_p=0.75)
+  draws = {int(decoding.sample(logits, jax.random.key(i), cfg)[0]) for i in range(200)}
+  assert draws == {0, 1}

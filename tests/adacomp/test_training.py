@@ -1,0 +1,149 @@
+"""End-to-end behaviour of train(): resume, divergence, evaluation, multi-process."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import gin
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from adacomp import checkpointing, evaluator, training
+from tests.adacomp.conftest import REPO, TINY_GIN, configure, corpus_bindings
+
+
+def _train(corpus, workdir, *bindings):
+  gin.clear_config()
+  configure(corpus, *bindings)
+  return training.train(str(workdir))
+
+
+def _params(workdir, step=None):
+  root = checkpointing.checkpoint_root(str(workdir))
+  with ocp.CheckpointManager(root, item_names=("params",)) as manager:
+    step = manager.latest_step() if step is None else step
+    restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore()))
+  return step, jax.tree.map(np.asarray, restored["params"])
+
+
+def _data_state(workdir, step):
+  path = checkpointing.checkpoint_root(str(workdir)) / str(step) / "data" / "process_0-of-1.json"
+  return json.loads(path.read_text())
+
+
+def _assert_trees_equal(a, b, atol=0.0):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(x, y, rtol=0, atol=atol)
+
+
+def test_training_lowers_the_loss(corpus, tmp_path):
+  _train(corpus, tmp_path / "run", "train.num_steps = 30", "make_optimizer.decay_steps = 30",
+         "train.eval_every = 0")
+  records = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+  train_losses = [r["loss"] for r in records if r["split"] == "train"]
+  assert train_losses[-1] < train_losses[0] - 0.5, train_losses
+  assert (tmp_path / "run" / "config.gin").exists()
+  assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_resumed_run_ends_on_the_same_params_and_data_position(corpus, tmp_path):
+  _train(corpus, tmp_path / "whole")
+  _train(corpus, tmp_path / "split", "train.num_steps = 4")
+  assert _params(tmp_path / "split")[0] == 4
+  _train(corpus, tmp_path / "split")
+  step_a, whole = _params(tmp_path / "whole")
+  step_b, split = _params(tmp_path / "split")
+  assert step_a == step_b == 8
+  _assert_trees_equal(whole, split, atol=1e-6)
+  assert _data_state(tmp_path / "whole", 8) == _data_state(tmp_path / "split", 8)
+
+
+def test_eval_reproduces_the_final_validation_loss_of_training(corpus, tmp_path):
+  summary = _train(corpus, tmp_path / "run")
+  gin.clear_config()
+  step, meta = checkpointing.read_meta(str(tmp_path / "run"))
+  gin.parse_config(meta["gin_config"])
+  report = evaluator.evaluate_checkpoint(str(tmp_path / "run"), meta, step)
+  assert report["step"] == 8
+  np.testing.assert_allclose(report["loss"], summary["loss"], rtol=1e-6)
+  np.testing.assert_allclose(report["bits_per_byte"], summary["bits_per_byte"], rtol=1e-6)
+  assert json.loads(open(report["output"]).read())["loss"] == report["loss"]
+
+
+def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
+  _train(corpus, tmp_path / "run", "train.num_steps = 4")
+  _, before = _params(tmp_path / "run")
+  with pytest.raises(training.TrainingDivergedError,
+                     match=r"training diverged\. The last good checkpoint \(step 4\)"):
+    _train(corpus, tmp_path / "run", "make_optimizer.learning_rate = 1e30",
+           "make_optimizer.grad_clip_norm = None", "make_manager.save_every = 1")
+  step, after = _params(tmp_path / "run")
+  assert step == 4
+  _assert_trees_equal(before, after)
+
+
+def _cli(args, env=None, **kw):
+  return subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *args],
+                          cwd=REPO, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def _cli_args(corpus, workdir, *bindings):
+  args = [f"--gin_file={TINY_GIN}", f"--workdir={workdir}"]
+  return args + [f"--gin_bindings={b}" for b in corpus_bindings(corpus) + list(bindings)]
+
+
+def test_run_killed_mid_save_resumes_from_the_last_complete_checkpoint(corpus, tmp_path):
+  bindings = ["train.num_steps = 40", "make_optimizer.decay_steps = 40",
+              "make_manager.save_every = 1", "train.eval_every = 0"]
+  _train(corpus, tmp_path / "whole", *bindings)
+  workdir = tmp_path / "killed"
+  proc = _cli(_cli_args(corpus, workdir, *bindings))
+  killed_during_save = False
+  deadline = time.time() + 300
+  while proc.poll() is None and time.time() < deadline:
+    root = workdir / "checkpoints"
+    if root.exists() and any(".orbax-checkpoint-tmp" in p.name for p in root.iterdir()):
+      if any(p.name.isdigit() and int(p.name) >= 3 for p in root.iterdir()):
+        proc.send_signal(signal.SIGKILL)
+        killed_during_save = True
+        break
+    time.sleep(0.002)
+  proc.wait()
+  assert killed_during_save, "the run finished before a save could be interrupted"
+  resumed = _cli(_cli_args(corpus, workdir, *bindings))
+  out, _ = resumed.communicate(timeout=600)
+  assert resumed.returncode == 0, out[-3000:]
+  assert "Resuming from checkpoint step" in out
+  _, whole = _params(tmp_path / "whole")
+  step, after = _params(workdir)
+  assert step == 40
+  _assert_trees_equal(whole, after, atol=1e-6)
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_joined_by_jax_distributed_agree_on_the_loss(corpus, tmp_path):
+  _train(corpus, tmp_path / "prepare", "train.num_steps = 1")  # prepares the dataset once
+  port = _free_port()
+  procs = [
+      _cli(_cli_args(corpus, tmp_path / "mp", "train.num_steps = 4", "train.eval_every = 0") +
+           [f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
+           env={"JAX_PLATFORMS": "cpu"})
+      for i in range(2)]
+  outputs = [p.communicate(timeout=600)[0] for p in procs]
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 0, out[-3000:]
+  finals = [next(l for l in out.splitlines() if l.startswith("Final validation")) for out in outputs]
+  assert finals[0] == finals[1], finals
+  assert "2 process(es)" in outputs[0]

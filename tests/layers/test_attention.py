@@ -1,0 +1,59 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from layers.attention import MultiHeadAttention
+from layers.rope import apply_rope
+
+
+def _naive_attention(x, params, positions, num_heads, head_dim):
+  """Per-head loops with numpy: the textbook causal attention with RoPE."""
+  p = jax.tree.map(np.asarray, params)
+  q = np.einsum("btd,dhk->bthk", x, p["query"])
+  k = np.einsum("btd,dhk->bthk", x, p["key"])
+  v = np.einsum("btd,dhk->bthk", x, p["value"])
+  q = np.asarray(apply_rope(jnp.asarray(q), positions))
+  k = np.asarray(apply_rope(jnp.asarray(k), positions))
+  b, t = x.shape[:2]
+  out = np.zeros((b, t, num_heads, head_dim))
+  for bi in range(b):
+    for h in range(num_heads):
+      s = q[bi, :, h] @ k[bi, :, h].T / np.sqrt(head_dim)
+      s = np.where(np.tril(np.ones((t, t), bool)), s, -np.inf)
+      w = np.exp(s - s.max(-1, keepdims=True))
+      w /= w.sum(-1, keepdims=True)
+      out[bi, :, h] = w @ v[bi, :, h]
+  return np.einsum("bthk,hkd->btd", out, p["out"])
+
+
+def test_attention_matches_textbook_causal_attention():
+  b, t, d, h, hd = 2, 7, 16, 2, 8
+  x = jax.random.normal(jax.random.key(0), (b, t, d))
+  positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+  module = MultiHeadAttention(h, hd)
+  params = jax.tree.map(lambda v: v.value if hasattr(v, "value") else v,
+                        module.init(jax.random.key(1), x, positions)["params"],
+                        is_leaf=lambda v: hasattr(v, "value"))
+  got = module.apply({"params": params}, x, positions)
+  want = _naive_attention(np.asarray(x), params, positions, h, hd)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+  q = jax.random.normal(jax.random.key(0), (1, 1, 1, 8))
+  k = jax.random.normal(jax.random.key(1), (1, 1, 1, 8))
+
+  def score(pq, pk):
+    rq = apply_rope(q, jnp.array([[pq]]))
+    rk = apply_rope(k, jnp.array([[pk]]))
+    return float(jnp.sum(rq * rk))
+
+  np.testing.assert_allclose(score(5, 2), score(13, 10), rtol=1e-5)
+  assert abs(score(5, 2) - score(5, 4)) > 1e-4
+
+
+def test_partial_rope_leaves_the_unrotated_features_alone():
+  x = jax.random.normal(jax.random.key(0), (1, 3, 2, 16))
+  y = apply_rope(x, jnp.array([[4, 5, 6]]), fraction=0.25)
+  np.testing.assert_array_equal(y[..., 4:], x[..., 4:])
+  assert not np.allclose(y[..., :4], x[..., :4])
