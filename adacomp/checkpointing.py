@@ -45,16 +45,31 @@ def ensure_writable(workdir: str) -> epath.Path:
   return path
 
 
+def _item_handlers(items) -> dict:
+  """Handlers for the items a manager touches, so that fresh managers (restarts, eval.py) can
+  read metadata and restore without having saved first."""
+  handlers = {"params": ocp.StandardCheckpointHandler,
+              "opt_state": ocp.StandardCheckpointHandler,
+              "meta": ocp.JsonCheckpointHandler,
+              "data": grain.checkpoint.CheckpointHandler}
+  return {name: handlers[name]() for name in items}
+
+
+def _read_only_manager(root: epath.Path, items) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(root, item_names=tuple(items),
+                               item_handlers=_item_handlers(items),
+                               options=ocp.CheckpointManagerOptions(create=False))
+
+
 @gin.configurable
 def make_manager(workdir: str, *, save_every: int = 500, keep: int = 3,
                  async_save: bool = True) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
       save_interval_steps=save_every, max_to_keep=keep,
       enable_async_checkpointing=async_save, cleanup_tmp_directories=True, create=True)
-  return ocp.CheckpointManager(
-      epath.Path(workdir) / CHECKPOINT_SUBDIR, options=options,
-      item_names=("params", "opt_state", "data", "meta"),
-      item_handlers={"data": grain.checkpoint.CheckpointHandler()})
+  items = ("params", "opt_state", "data", "meta")
+  return ocp.CheckpointManager(epath.Path(workdir) / CHECKPOINT_SUBDIR, options=options,
+                               item_names=items, item_handlers=_item_handlers(items))
 
 
 class _IteratorState:
@@ -105,9 +120,10 @@ def _shape_mismatches(saved_meta, abstract_tree) -> list[str]:
 
 def check_compatible(manager: ocp.CheckpointManager, step: int, abstract_params) -> None:
   """Raises CheckpointError naming every parameter whose shape differs from the model's."""
-  metadata = manager.item_metadata(step)
-  saved = metadata["params"] if isinstance(metadata, dict) or hasattr(metadata, "__getitem__") \
-      else metadata.params
+  saved = manager.item_metadata(step)["params"]
+  if saved is None:
+    raise CheckpointError(f"Checkpoint step {step} in {manager.directory} has no readable "
+                          f"params; it is not an adacomp checkpoint or is damaged.")
   saved = getattr(saved, "tree", saved)
   problems = _shape_mismatches(saved, abstract_params)
   if problems:
@@ -122,19 +138,28 @@ def check_compatible(manager: ocp.CheckpointManager, step: int, abstract_params)
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iter):
   """Restores params, optimizer state and the iterator's position (in place) at `step`."""
   check_compatible(manager, step, abstract_state.params)
-  restored = manager.restore(step, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(abstract_state.params),
-      opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
-      data=grain.checkpoint.CheckpointRestore(_IteratorState(data_iter)),
-      meta=ocp.args.JsonRestore()))
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract_state.params),
+        opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
+        data=grain.checkpoint.CheckpointRestore(_IteratorState(data_iter)),
+        meta=ocp.args.JsonRestore()))
+  except ValueError as e:
+    if "tree structures do not match" not in str(e):
+      raise
+    raise CheckpointError(
+        f"The optimizer state of checkpoint step {step} in {manager.directory} does not match "
+        f"the optimizer built from the gin config (make_optimizer changed, e.g. grad_clip_norm "
+        f"switched on or off). Resume with the run's own optimizer settings (config.gin beside "
+        f"the checkpoints), or start a new --workdir from these params with "
+        f"train.init_checkpoint.") from e
   return restored["params"], restored["opt_state"], restored["meta"]
 
 
 def read_meta(checkpoint_dir: str, step: Optional[int] = None) -> tuple[int, dict]:
   """(step, meta) of the latest (or given) complete checkpoint under checkpoint_dir."""
   root = checkpoint_root(checkpoint_dir)
-  with ocp.CheckpointManager(root, item_names=("meta",),
-                             options=ocp.CheckpointManagerOptions(create=False)) as manager:
+  with _read_only_manager(root, ("meta",)) as manager:
     step = manager.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(
@@ -147,8 +172,7 @@ def read_meta(checkpoint_dir: str, step: Optional[int] = None) -> tuple[int, dic
 def restore_params(checkpoint_dir: str, abstract_params, step: Optional[int] = None) -> Any:
   """Restores only the params item (evaluation, analysis), checking shapes first."""
   root = checkpoint_root(checkpoint_dir)
-  with ocp.CheckpointManager(root, item_names=("params",),
-                             options=ocp.CheckpointManagerOptions(create=False)) as manager:
+  with _read_only_manager(root, ("params",)) as manager:
     step = manager.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f"No complete checkpoint under {root}.")

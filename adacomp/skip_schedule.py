@@ -56,10 +56,17 @@ def active_layer_mask(active: np.ndarray, num_layers: int, warmup_layers: int = 
   return (layer < min(warmup_layers, num_layers)) | (layer >= top)
 
 
-def schedule_for_speedup(speedup: float, max_len: int, num_layers: int, *, warmup_len: int = 0,
-                         warmup_layers: int = 1, max_active: Optional[int] = None) -> np.ndarray:
+@gin.configurable
+def schedule_for_speedup(max_len: int, num_layers: int, *, speedup: float = gin.REQUIRED,
+                         warmup_len: int = 0, warmup_layers: int = 1,
+                         max_active: Optional[int] = None) -> np.ndarray:
   """The linear schedule whose mean active-layer count over positions >= warmup_len is closest
-  to num_layers / speedup (the FLOP-ratio target), searching min_active."""
+  to num_layers / speedup (the FLOP-ratio target), searching max_active and min_active.
+
+  Ties go to the schedule found first: the smallest min_active, then the smallest max_active.
+  """
+  if speedup < 1.0:
+    raise ValueError(f"schedule_for_speedup.speedup={speedup} must be at least 1.")
   target = num_layers / speedup
   best, best_err = None, None
   hi = num_layers if max_active is None else max_active
@@ -67,6 +74,8 @@ def schedule_for_speedup(speedup: float, max_len: int, num_layers: int, *, warmu
     for top in range(min_active, hi + 1):
       sched = linear_skip_schedule(max_len, num_layers, max_active=top, min_active=min_active,
                                    warmup_len=warmup_len, warmup_layers=warmup_layers)
+      # The prompt (positions < warmup_len) always runs every layer.
+      sched[:warmup_len] = num_layers
       err = abs(sched[warmup_len:].mean() - target)
       if best_err is None or err < best_err - 1e-9:
         best, best_err = sched, err

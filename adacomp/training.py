@@ -131,9 +131,14 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, seed: in
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-    metrics = {"loss": ce, "aux_loss": aux, "grad_norm": optax.global_norm(grads),
+    metrics = {"loss": ce, "aux_loss": aux, "grad_norm": optax.tree.norm(grads),
                "bits_per_byte": sums["nats"] / evaluation.LN2 / jnp.maximum(sums["bytes"], 1.0),
-               "tokens": sums["weights"]}
+               "tokens": sums["weights"],
+               # Checked before every save: a finite loss computed from the old params does not
+               # make the updated params finite.
+               "params_finite": jnp.all(jnp.stack(
+                   [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)])).astype(
+                       jnp.float32)}
     return new_state, metrics
 
   return train_step
@@ -172,13 +177,15 @@ def init_train_state(model: nn.Module, tx, seq_len: int, seed: int, mesh, rules)
 
 def _check_finite(step: int, host_metrics: dict, manager) -> None:
   loss = host_metrics["loss"]
-  if not math.isfinite(loss):
+  if not math.isfinite(loss) or not host_metrics["params_finite"]:
+    what = (f"Loss is {loss}" if not math.isfinite(loss) else
+            f"The parameters became NaN or infinite (loss {loss:.4g})")
     manager.wait_until_finished()
     latest = manager.latest_step()
     kept = (f"The last good checkpoint (step {latest}) in {manager.directory} is kept "
             f"untouched." if latest is not None else "No checkpoint had been saved yet.")
     raise TrainingDivergedError(
-        f"Loss is {loss} at step {step}: training diverged. {kept} Lower the learning rate "
+        f"{what} at step {step}: training diverged. {kept} Lower the learning rate "
         f"(make_optimizer.learning_rate), lengthen warm-up (make_optimizer.warmup_steps) or "
         f"clip gradients (make_optimizer.grad_clip_norm), then rerun: it resumes from there.")
 

@@ -56,7 +56,7 @@ def main(argv):
   total = length + FLAGS.max_new_tokens
   layers = decoder.config.num_layers
   if FLAGS.speedup > 1.0:
-    schedule = skip_schedule.schedule_for_speedup(FLAGS.speedup, total, layers,
+    schedule = skip_schedule.schedule_for_speedup(total, layers, speedup=FLAGS.speedup,
                                                   warmup_len=length,
                                                   warmup_layers=FLAGS.warmup_layers)
   else:

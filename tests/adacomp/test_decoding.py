@@ -111,3 +111,13 @@ def test_top_k_one_sampling_is_greedy_and_top_p_keeps_the_mass():
   cfg = decoding.SamplingConfig(temperature=1.0, top_p=0.75)
   draws = {int(decoding.sample(logits, jax.random.key(i), cfg)[0]) for i in range(200)}
   assert draws == {0, 1}
+
+
+@pytest.mark.parametrize("speedup", [2.0, 3.0, 5.0])
+def test_schedule_for_speedup_hits_the_flop_ratio_target(speedup):
+  s = skip_schedule.schedule_for_speedup(128, 12, speedup=speedup, warmup_len=32)
+  assert np.all(np.diff(s) <= 0)
+  assert np.all(s[:32] == 12)
+  # Rounding the linear decay to whole layers leaves the mean within a tenth of a layer.
+  assert abs(s[32:].mean() - 12 / speedup) <= 0.1 + 1e-9
+  np.testing.assert_allclose(skip_schedule.mean_speedup(s, 12, start=32), speedup, rtol=0.05)

@@ -1,6 +1,7 @@
 """End-to-end behaviour of train(): resume, divergence, evaluation, multi-process."""
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -80,12 +81,37 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(corpus, tmp_
   _train(corpus, tmp_path / "run", "train.num_steps = 4")
   _, before = _params(tmp_path / "run")
   with pytest.raises(training.TrainingDivergedError,
-                     match=r"training diverged\. The last good checkpoint \(step 4\)"):
+                     match=r"training diverged\. The last good checkpoint \(step (\d+)\)") as e:
     _train(corpus, tmp_path / "run", "make_optimizer.learning_rate = 1e30",
-           "make_optimizer.grad_clip_norm = None", "make_manager.save_every = 1")
+           "make_manager.save_every = 1")
+  last_good = int(re.search(r"checkpoint \(step (\d+)\)", str(e.value)).group(1))
   step, after = _params(tmp_path / "run")
-  assert step == 4
-  _assert_trees_equal(before, after)
+  assert step == last_good >= 4
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(after))
+  _assert_trees_equal(before, _params(tmp_path / "run", step=4)[1])
+
+
+class _FakeManager:
+  directory = "/ckpt"
+
+  def wait_until_finished(self):
+    pass
+
+  def latest_step(self):
+    return 3
+
+
+def test_non_finite_params_stop_training_even_when_the_loss_was_finite():
+  with pytest.raises(training.TrainingDivergedError, match=r"parameters became NaN.*step 4"):
+    training._check_finite(4, {"loss": 2.0, "params_finite": 0.0}, _FakeManager())
+  training._check_finite(4, {"loss": 2.0, "params_finite": 1.0}, _FakeManager())
+
+
+def test_resuming_with_a_different_optimizer_names_the_cause(corpus, tmp_path):
+  _train(corpus, tmp_path / "run", "train.num_steps = 2")
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=r"optimizer state of checkpoint step 2 .* does not match"):
+    _train(corpus, tmp_path / "run", "train.num_steps = 4", "make_optimizer.grad_clip_norm = None")
 
 
 def _cli(args, env=None, **kw):
