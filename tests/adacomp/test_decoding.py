@@ -1,11 +1,18 @@
+import json
+import os
+import subprocess
+import sys
+
 import flax.linen as nn
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adacomp import decoding, skip_schedule
+from adacomp import decoding, skip_schedule, training
 from adacomp.models.decoder import DecoderConfig, DecoderLM
+from tests.adacomp.conftest import REPO, configure
 
 CFG = DecoderConfig(vocab_size=50, num_layers=4, d_model=32, num_heads=2, head_dim=16, d_ff=64,
                     max_len=64)
@@ -121,3 +128,20 @@ def test_schedule_for_speedup_hits_the_flop_ratio_target(speedup):
   # Rounding the linear decay to whole layers leaves the mean within a tenth of a layer.
   assert abs(s[32:].mean() - 12 / speedup) <= 0.1 + 1e-9
   np.testing.assert_allclose(skip_schedule.mean_speedup(s, 12, start=32), speedup, rtol=0.05)
+
+
+def test_generate_cli_writes_one_generation_per_prompt(corpus, tmp_path):
+  configure(corpus, "train.num_steps = 2", "DecoderConfig.num_layers = 3")
+  training.train(str(tmp_path / "run"))
+  gin.clear_config()
+  prompts = tmp_path / "prompts.txt"
+  prompts.write_text("def main(\nimport os\n\nclass A:\n")
+  out = subprocess.run(
+      [sys.executable, os.path.join(REPO, "scripts", "generate.py"),
+       f"--checkpoint_dir={tmp_path / 'run'}", f"--prompts={prompts}", "--max_new_tokens=8",
+       "--speedup=2", f"--output={tmp_path / 'gen.jsonl'}"],
+      capture_output=True, text=True, cwd=REPO, timeout=300, check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  rows = [json.loads(l) for l in open(tmp_path / "gen.jsonl")]
+  assert [r["prompt"] for r in rows] == ["def main(", "import os", "class A:"]
+  assert "ideal speedup" in out.stdout
