@@ -45,6 +45,9 @@ def ensure_writable(workdir: str) -> epath.Path:
   return path
 
 
+ITEMS = ("params", "opt_state", "data", "meta")
+
+
 def _item_handlers(items) -> dict:
   """Handlers for the items a manager touches, so that fresh managers (restarts, eval.py) can
   read metadata and restore without having saved first."""
@@ -55,9 +58,10 @@ def _item_handlers(items) -> dict:
   return {name: handlers[name]() for name in items}
 
 
-def _read_only_manager(root: epath.Path, items) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(root, item_names=tuple(items),
-                               item_handlers=_item_handlers(items),
+def _read_only_manager(root: epath.Path) -> ocp.CheckpointManager:
+  """Knows every item's handler (orbax warns about items on disk it cannot read otherwise);
+  callers restore only what they need."""
+  return ocp.CheckpointManager(root, item_names=ITEMS, item_handlers=_item_handlers(ITEMS),
                                options=ocp.CheckpointManagerOptions(create=False))
 
 
@@ -67,9 +71,8 @@ def make_manager(workdir: str, *, save_every: int = 500, keep: int = 3,
   options = ocp.CheckpointManagerOptions(
       save_interval_steps=save_every, max_to_keep=keep,
       enable_async_checkpointing=async_save, cleanup_tmp_directories=True, create=True)
-  items = ("params", "opt_state", "data", "meta")
   return ocp.CheckpointManager(epath.Path(workdir) / CHECKPOINT_SUBDIR, options=options,
-                               item_names=items, item_handlers=_item_handlers(items))
+                               item_names=ITEMS, item_handlers=_item_handlers(ITEMS))
 
 
 class _IteratorState:
@@ -159,7 +162,7 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iter
 def read_meta(checkpoint_dir: str, step: Optional[int] = None) -> tuple[int, dict]:
   """(step, meta) of the latest (or given) complete checkpoint under checkpoint_dir."""
   root = checkpoint_root(checkpoint_dir)
-  with _read_only_manager(root, ("meta",)) as manager:
+  with _read_only_manager(root) as manager:
     step = manager.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(
@@ -172,7 +175,7 @@ def read_meta(checkpoint_dir: str, step: Optional[int] = None) -> tuple[int, dic
 def restore_params(checkpoint_dir: str, abstract_params, step: Optional[int] = None) -> Any:
   """Restores only the params item (evaluation, analysis), checking shapes first."""
   root = checkpoint_root(checkpoint_dir)
-  with _read_only_manager(root, ("params",)) as manager:
+  with _read_only_manager(root) as manager:
     step = manager.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f"No complete checkpoint under {root}.")

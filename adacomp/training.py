@@ -99,14 +99,25 @@ def sum_sown(tree) -> jax.Array:
   return sum((jnp.sum(x) for x in leaves), jnp.zeros((), jnp.float32))
 
 
-def macs_per_token(intermediates, shape) -> jax.Array:
-  """Adds up every sown `macs` array into one [batch, length] array."""
+def macs_per_token(intermediates, shape, layer_mask=None) -> jax.Array:
+  """Adds up every sown `macs` array into one [batch, length] array.
+
+  With a layer mask (SkipDecode schedules), a block's MACs count only at the tokens for which
+  the block is active: what the schedule spends at inference, although the masked training
+  forward pass computes every layer.
+  """
   total = jnp.zeros(shape, jnp.float32)
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(intermediates))
+  mask = None if layer_mask is None else jnp.asarray(layer_mask, jnp.float32)
   for path, values in flat.items():
     if path[-1] != "macs":
       continue
     for v in values:
+      if mask is not None and path[0] == "blocks":  # scanned: [layers, batch, length]
+        v = v * (mask[:, None, :] if mask.ndim == 2 else mask)
+      elif mask is not None and path[0].startswith("block_"):
+        layer = mask[int(path[0].split("_")[1])]
+        v = v * layer
       total = total + jnp.sum(v.reshape((-1,) + shape), axis=0)
   return total
 
@@ -150,7 +161,7 @@ def make_eval_step(model: nn.Module, layer_mask: Optional[np.ndarray] = None):
     logits, mutables = model.apply({"params": params}, batch["inputs"], layer_mask=layer_mask,
                                    mutable=["intermediates"])
     sums = evaluation.token_sums(logits, batch)
-    macs = macs_per_token(mutables.get("intermediates", {}), batch["inputs"].shape)
+    macs = macs_per_token(mutables.get("intermediates", {}), batch["inputs"].shape, layer_mask)
     sums["macs"] = jnp.sum(macs * batch["weights"])
     return sums
 

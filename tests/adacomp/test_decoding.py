@@ -145,3 +145,23 @@ def test_generate_cli_writes_one_generation_per_prompt(corpus, tmp_path):
   rows = [json.loads(l) for l in open(tmp_path / "gen.jsonl")]
   assert [r["prompt"] for r in rows] == ["def main(", "import os", "class A:"]
   assert "ideal speedup" in out.stdout
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_reported_macs_count_only_the_scheduled_layers(params, scan):
+  cfg = DecoderConfig(**{**CFG.__dict__, "scan_layers": scan})
+  if not scan:
+    params = {**{k: v for k, v in params.items() if k != "blocks"},
+              **{f"block_{i}": jax.tree.map(lambda x, i=i: x[i], params["blocks"])
+                 for i in range(CFG.num_layers)}}
+  tokens = _tokens()
+  schedule = skip_schedule.linear_skip_schedule(12, CFG.num_layers, min_active=1, warmup_len=3)
+  mask = skip_schedule.active_layer_mask(schedule, CFG.num_layers)
+  _, mutables = DecoderLM(cfg).apply({"params": params}, tokens, layer_mask=jnp.asarray(mask),
+                                     mutable=["intermediates"])
+  got = training.macs_per_token(mutables["intermediates"], tokens.shape, mask)
+  d, inner = CFG.d_model, CFG.num_heads * CFG.head_dim
+  position = np.arange(12)
+  per_layer = 4 * d * inner + 2 * inner * (position + 1) + 2 * d * CFG.d_ff
+  want = schedule * per_layer + d * CFG.vocab_size
+  np.testing.assert_allclose(got, np.broadcast_to(want, got.shape), rtol=1e-6)
