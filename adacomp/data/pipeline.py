@@ -16,13 +16,15 @@ the last batch are padded with weight 0. Every process reads the same stream and
 rows of each global batch, so all processes run the same number of batches.
 
 The source is `tfds.data_source` (array_record, random access, no TensorFlow) for named
-datasets and for the `local_text` builder; TFRecord-format datasets go through `tfds.load` and
+datasets and for the `local_text` builder, wrapped in a `grain.MapDataset` that tokenizes
+documents on access; TFRecord-format datasets go through `tfds.load` and
 need the `[tf]` extra.
 """
 import os
 from typing import Iterator, Optional
 
 import gin
+import grain
 import jax
 import numpy as np
 import tensorflow_datasets as tfds
@@ -113,12 +115,16 @@ class LMDataset:
     if len(self.doc_ids) == 0:
       raise DataError(f"The split has {n} documents, too few to give every one of "
                       f"{process_count} processes one; use a larger corpus or split.")
+    self.documents = grain.MapDataset.source(source).map(self._encode)
 
-  def document(self, doc_id: int) -> np.ndarray:
-    text = self.source[int(doc_id)][self.text_key]
-    tokens = self.tokenizer.encode(text)
+  def _encode(self, example) -> np.ndarray:
+    tokens = self.tokenizer.encode(example[self.text_key])
     return np.concatenate([[self.tokenizer.bos_id], tokens, [self.tokenizer.eos_id]]).astype(
         np.int32)
+
+  def document(self, doc_id: int) -> np.ndarray:
+    """bos + tokens + eos of document `doc_id` (random access through grain)."""
+    return self.documents[int(doc_id)]
 
   def __iter__(self) -> "PackedIterator":
     return PackedIterator(self)
