@@ -10,6 +10,7 @@ from etils import epath
 
 from adacomp import checkpointing
 from adacomp import evaluation
+from adacomp import kernels
 from adacomp import sharding
 from adacomp import skip_schedule
 from adacomp import data as data_lib
@@ -38,6 +39,7 @@ def evaluate_checkpoint(checkpoint_dir: str, meta: dict, step: int, *,
   number of batches), so the figure matches the validation loss training reported.
   `eval_batches=None` evaluates the whole split.
   """
+  kernels.configure_kernels()
   batch_size = batch_size or meta["batch_size"]
   seq_len = seq_len or meta["seq_len"]
   eval_batches = meta.get("eval_batches") if eval_batches == -1 else eval_batches

@@ -13,6 +13,7 @@ import gin
 from adacomp import checkpointing  # pylint: disable=unused-import
 from adacomp import data  # pylint: disable=unused-import
 from adacomp import evaluator  # pylint: disable=unused-import
+from adacomp import kernels  # pylint: disable=unused-import
 from adacomp import sharding  # pylint: disable=unused-import
 from adacomp import training  # pylint: disable=unused-import
 from adacomp.models import decoder  # pylint: disable=unused-import

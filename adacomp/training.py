@@ -25,6 +25,7 @@ from etils import epath
 
 from adacomp import checkpointing
 from adacomp import evaluation
+from adacomp import kernels
 from adacomp import metrics as metrics_lib
 from adacomp import sharding
 from adacomp import skip_schedule
@@ -225,6 +226,7 @@ def train(workdir: str, *, num_steps: int = gin.REQUIRED, batch_size: int = 16,
   resumes from them instead.
   """
   workdir_path = checkpointing.ensure_writable(workdir)
+  kernels.configure_kernels()
   model_config = DecoderConfig() if model_config is None else model_config
   if seq_len > model_config.max_len:
     raise ValueError(

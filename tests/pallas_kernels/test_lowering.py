@@ -1,0 +1,84 @@
+"""Every kernel lowers through Pallas' TPU (Mosaic) and GPU (Triton) pipelines on a CPU machine.
+
+`jax.export` for one platform at a time runs the Pallas-to-Mosaic / Pallas-to-Triton lowering,
+which rejects illegal block shapes, layouts, dtypes and unsupported primitives, and leaves the
+kernel in the module as a `tpu_custom_call` or a `__gpu$xla.gpu.triton` custom call. Compiling
+that custom call (libtpu / ptxas) needs the hardware and is not checked here.
+"""
+import jax
+import jax.numpy as jnp
+import pytest
+from jax import export
+
+import pallas_kernels
+from pallas_kernels import _common
+
+S = jax.ShapeDtypeStruct
+I32 = jnp.int32
+CUSTOM_CALL = {"tpu": "tpu_custom_call", "cuda": _common.TRITON_CUSTOM_CALL}
+DISABLED = {"tpu": [], "cuda": [export.DisabledSafetyCheck.custom_call(_common.TRITON_CUSTOM_CALL)]}
+
+
+def _ffn_args(dt):
+  return S((512, 256), dt), S((2,), I32), S((2, 256, 1024), dt), S((2, 1024, 256), dt), S((2,), I32)
+
+
+def _ffn_grad(impl):
+  def loss(x, sizes, w_in, w_out, widths):
+    y = pallas_kernels.routed_ffn(x, sizes, w_in, w_out, widths, impl=impl)
+    return jnp.sum(y.astype(jnp.float32))
+
+  return jax.grad(loss, argnums=(0, 2, 3))
+
+
+# name -> (function of impl, argument shapes given a dtype)
+OPS = {
+    "routed_ffn": (lambda impl: lambda *a: pallas_kernels.routed_ffn(*a, impl=impl), _ffn_args),
+    "routed_ffn_grad": (_ffn_grad, _ffn_args),
+    "gather_matmul": (lambda impl: lambda *a: pallas_kernels.gather_matmul(*a, impl=impl),
+                      lambda dt: (S((512, 256), dt), S((200,), I32), S((256, 512), dt))),
+    "scatter_add": (lambda impl: lambda *a: pallas_kernels.scatter(*a, mode="add", impl=impl),
+                    lambda dt: (S((200, 256), dt), S((200,), I32), S((512, 256), dt))),
+    "scatter_set": (lambda impl: lambda *a: pallas_kernels.scatter(*a, mode="set", impl=impl),
+                    lambda dt: (S((200, 256), dt), S((200,), I32), S((512, 256), dt))),
+    "pattention": (lambda impl: lambda *a: pallas_kernels.pattention(*a, impl=impl),
+                   lambda dt: (S((512, 256), dt), S((1024, 256), dt), S((1024, 384), dt))),
+    "varlen_attention": (
+        lambda impl: lambda *a: pallas_kernels.varlen_attention(*a, impl=impl),
+        lambda dt: (S((2, 256, 4, 64), dt),) * 3 + (S((2,), I32),)),
+    "varlen_attention_causal": (
+        lambda impl: lambda *a: pallas_kernels.varlen_attention(*a, causal=True, impl=impl),
+        lambda dt: (S((2, 256, 4, 64), dt),) * 3 + (S((2,), I32),)),
+}
+
+
+def _module(op, impl, platform, dtype):
+  fn, shapes = OPS[op]
+  exported = export.export(jax.jit(fn(impl)), platforms=[platform],
+                           disabled_checks=DISABLED.get(platform, []))(*shapes(dtype))
+  return exported.mlir_module()
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_pallas_kernel_lowers_to_the_platform_custom_call(op, platform, dtype):
+  assert CUSTOM_CALL[platform] in _module(op, "pallas", platform, dtype)
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_auto_exports_the_kernel_of_the_target_platform_only(platform):
+  module = _module("routed_ffn", "auto", platform, jnp.bfloat16)
+  other = "cuda" if platform == "tpu" else "tpu"
+  assert CUSTOM_CALL[platform] in module and CUSTOM_CALL[other] not in module
+
+
+def test_auto_exports_the_reference_for_cpu():
+  assert "custom_call" not in _module("routed_ffn", "auto", "cpu", jnp.float32)
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_routed_ffn_backward_runs_grouped_matmul_kernels_not_xla_dots(platform):
+  module = _module("routed_ffn_grad", "pallas", platform, jnp.bfloat16)
+  assert "routed_gmm" in module and "routed_tgmm" in module
+  assert "stablehlo.dot_general" not in module

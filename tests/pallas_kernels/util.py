@@ -1,0 +1,44 @@
+"""Shared checks for the kernel tests.
+
+Tolerances: float32 outputs match to rtol 1e-5 plus an absolute slack of 1e-5 x max|expected|
+(elements that cancel to near 0 carry the rounding of their large terms); bfloat16 to rtol 1e-2
+plus 1e-2 x max|expected|. Every comparison also requires the kernel output to be finite: the
+interpreters fill output memory with NaN before the kernel runs (Mosaic's TPU interpreter fills
+each VMEM output block, the HLO interpreter each output array), so an element the kernel forgot
+to write shows up as NaN. test_dispatch.py checks that premise.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Kernel implementations runnable on CPU: the TPU kernel under Mosaic's TPU interpreter and the
+# Triton kernel under the HLO interpreter.
+INTERPRETERS = ("interpret", "interpret_gpu")
+
+TOLERANCE = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.bfloat16): 1e-2}
+
+
+def assert_matches(actual, expected):
+  """actual (kernel) is finite and equals expected (reference) within the dtype's tolerance."""
+  assert actual.shape == expected.shape and actual.dtype == expected.dtype
+  tol = TOLERANCE[jnp.dtype(expected.dtype)]
+  actual = np.asarray(jnp.asarray(actual, jnp.float32))
+  expected = np.asarray(jnp.asarray(expected, jnp.float32))
+  assert np.isfinite(actual).all(), f"{np.size(actual) - np.isfinite(actual).sum()} non-finite"
+  scale = max(float(np.abs(expected).max(initial=0.0)), 1e-30)
+  np.testing.assert_allclose(actual, expected, rtol=tol, atol=tol * scale)
+
+
+def jit_call(fn, *args, **kwargs):
+  """fn(*args, **kwargs) compiled as one program: eager dispatch of the ops' wrappers (schedules,
+  transposes) would compile every small op separately and dominate the tests' time."""
+  return jax.jit(lambda *a: fn(*a, **kwargs))(*args)
+
+
+def normal(key, shape, dtype=jnp.float32, scale=1.0):
+  """Random normal test data (never zeros)."""
+  return (scale * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+def keys(seed, n):
+  return jax.random.split(jax.random.key(seed), n)
