@@ -27,9 +27,11 @@ class DecoderBlock(nn.Module):
   param_dtype: DTypeLike = jnp.float32
 
   @nn.compact
-  def __call__(self, x, positions, active=None):
+  def __call__(self, x, positions, active=None, routes=None):
     """x: [b, t, d]; active: optional bool [b, t] or [t], False makes the block the identity
-    for that token (its output is discarded; the computation still runs, as in training)."""
+    for that token (its output is discarded; the computation still runs, as in training).
+    routes: optional int [b, t] routing decisions imposed on the FFN (adaptive FFNs take a
+    `routes` keyword; None lets the FFN decide)."""
     x_in = x
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     y = RMSNorm(name="attn_norm", **kw)(x)
@@ -39,7 +41,8 @@ class DecoderBlock(nn.Module):
     x = x + y
     x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
     y = RMSNorm(name="ffn_norm", **kw)(x)
-    y = self.ffn_cls(d_ff=self.d_ff, activation=self.activation, name="ffn", **kw)(y)
+    ffn = self.ffn_cls(d_ff=self.d_ff, activation=self.activation, name="ffn", **kw)
+    y = ffn(y) if routes is None else ffn(y, routes=routes)
     x = x + y
     if active is not None:
       x = jnp.where(jnp.broadcast_to(active, x.shape[:2])[..., None], x, x_in)

@@ -7,7 +7,8 @@ For each target speed-up (1 = the dense schedule) it builds the linear schedule 
 active-layer count over the generated positions is layers / target (`schedule_for_speedup`;
 the prompt runs every layer), then:
 - times `decoding.generate` end to end (prefill of the prompt, then token-by-token decoding;
-  compiled once, median of --repeats runs) at each batch size and reports new tokens/s and the
+  compiled once, median of --repeats runs taken round-robin over the schedules) at each batch
+  size and reports new tokens/s and the
   measured speed-up over the dense schedule at the same batch size;
 - reports the ideal speed-up, layers / mean active layers over the generated positions;
 - measures quality on validation windows of prompt + new tokens: bits per byte of the generated
@@ -94,25 +95,31 @@ def main(argv):
     if target in finetuned:
       params = checkpointing.restore_params(finetuned[target], abstract)
       row["bpb_finetuned"] = quality(params, mask)["bits_per_byte"]
-    for batch in map(int, FLAGS.batch_sizes):
-      prompt = jax.random.randint(jax.random.key(batch), (batch, FLAGS.prompt_len), 0, 256)
-      sched = jnp.asarray(schedule)
+    print(f"  {target:g}x schedule: bits/byte {row['bpb_base']:.3f} as is, "
+          f"{row['bpb_finetuned'] or float('nan'):.3f} fine-tuned", flush=True)
+    rows.append(row)
 
-      def run():
-        return jax.block_until_ready(decoding.generate(  # pylint: disable=cell-var-from-loop
-            decoder, base_params, prompt, sched, jax.random.key(0),
-            max_new_tokens=FLAGS.new_tokens))
-
-      run()
-      times = []
-      for _ in range(FLAGS.repeats):
+  # Timed runs go round-robin over the schedules, so load that drifts during the benchmark
+  # affects every schedule alike.
+  for batch in map(int, FLAGS.batch_sizes):
+    prompt = jax.random.randint(jax.random.key(batch), (batch, FLAGS.prompt_len), 0, 256)
+    runs = []
+    for row in rows:
+      sched = jnp.asarray(row["schedule"], jnp.int32)
+      runs.append(lambda sched=sched: jax.block_until_ready(decoding.generate(
+          decoder, base_params, prompt, sched, jax.random.key(0),
+          max_new_tokens=FLAGS.new_tokens)))
+      runs[-1]()
+    times = [[] for _ in rows]
+    for _ in range(FLAGS.repeats):
+      for run, bucket in zip(runs, times):
         start = time.perf_counter()
         run()
-        times.append(time.perf_counter() - start)
-      row["tokens_per_s"][batch] = batch * FLAGS.new_tokens / statistics.median(times)
-      print(f"  {target:g}x schedule, batch {batch}: {row['tokens_per_s'][batch]:,.0f} new "
-            f"tokens/s", flush=True)
-    rows.append(row)
+        bucket.append(time.perf_counter() - start)
+    for row, bucket in zip(rows, times):
+      row["tokens_per_s"][batch] = batch * FLAGS.new_tokens / statistics.median(bucket)
+    print(f"  batch {batch}: " + ", ".join(
+        f"{r['target']:g}x {r['tokens_per_s'][batch]:,.0f} tok/s" for r in rows), flush=True)
 
   dense = next((r for r in rows if r["target"] == 1.0), None)
   batches = list(map(int, FLAGS.batch_sizes))

@@ -54,11 +54,13 @@ class DecoderLM(nn.Module):
   decode: bool = False
 
   @nn.compact
-  def __call__(self, ids, positions=None, layer_mask=None):
+  def __call__(self, ids, positions=None, layer_mask=None, routes=None):
     """ids: [b, t] int; returns float32 logits [b, t, vocab].
 
     layer_mask: optional bool [num_layers, t] or [num_layers, b, t]; where False the layer is
     the identity for that token (SkipDecode training, layer-skipping ablations).
+    routes: optional int [num_layers, b, t] routing decisions imposed on every layer's FFN
+    (oracles, ablations); None lets adaptive FFNs decide.
     """
     cfg = self.config
     dtype, param_dtype = parse_dtype(cfg.dtype), parse_dtype(cfg.param_dtype)
@@ -78,16 +80,18 @@ class DecoderLM(nn.Module):
     block_cls = nn.remat(DecoderBlock) if cfg.remat else DecoderBlock
     if cfg.scan_layers:
       x, _ = nn.scan(
-          lambda module, carry, pos, active: (module(carry, pos, active), None),
+          lambda module, carry, pos, active, route: (module(carry, pos, active, route), None),
           variable_axes={"params": 0, "cache": 0, "intermediates": 0},
           split_rngs={"params": True, "dropout": True, "routing": True},
-          in_axes=(nn.broadcast, nn.broadcast if layer_mask is None else 0),
+          in_axes=(nn.broadcast, nn.broadcast if layer_mask is None else 0,
+                   nn.broadcast if routes is None else 0),
           length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"},
-      )(block_cls(name="blocks", **block_kw), x, positions, layer_mask)
+      )(block_cls(name="blocks", **block_kw), x, positions, layer_mask, routes)
     else:
       for i in range(cfg.num_layers):
         active = None if layer_mask is None else layer_mask[i]
-        x = block_cls(name=f"block_{i}", **block_kw)(x, positions, active)
+        route = None if routes is None else routes[i]
+        x = block_cls(name=f"block_{i}", **block_kw)(x, positions, active, route)
 
     x = RMSNorm(dtype=dtype, param_dtype=param_dtype, name="final_norm")(x)
     if cfg.tied_embeddings:

@@ -78,3 +78,33 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
   params = _params(model, ids)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
   assert model.apply({"params": params}, ids).dtype == jnp.float32
+
+
+class _ScaledFFN(nn.Module):
+  """An FFN whose output is its input times the imposed route: shows routes reach every layer."""
+  d_ff: int
+  activation: str = "gelu"
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, routes=None):
+    scale = 1.0 if routes is None else routes[..., None].astype(x.dtype)
+    return x * scale
+
+
+def test_imposed_routes_reach_each_layers_ffn_at_each_token():
+  cfg = DecoderConfig(**{**CFG.__dict__, "ffn_cls": _ScaledFFN})
+  ids = jax.random.randint(jax.random.key(1), (2, 6), 0, 40)
+  scanned = DecoderLM(cfg)
+  params = _params(scanned, ids)
+  routes = jax.random.randint(jax.random.key(2), (CFG.num_layers, 2, 6), 0, 3)
+  got = scanned.apply({"params": params}, ids, routes=routes)
+  # Unrolled blocks take routes[i] explicitly: the scan must hand layer i the same slice.
+  unrolled = DecoderLM(DecoderConfig(**{**cfg.__dict__, "scan_layers": False}))
+  want = unrolled.apply({"params": _scan_to_unrolled(params, CFG.num_layers)}, ids,
+                        routes=routes)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  ones = scanned.apply({"params": params}, ids, routes=jnp.ones_like(routes))
+  assert not np.allclose(got, ones, atol=1e-4)
+  np.testing.assert_allclose(ones, scanned.apply({"params": params}, ids), rtol=1e-5, atol=1e-5)
