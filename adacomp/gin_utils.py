@@ -12,6 +12,7 @@ import gin
 # Registration side effects: each of these defines gin configurables.
 from adacomp import checkpointing  # pylint: disable=unused-import
 from adacomp import data  # pylint: disable=unused-import
+from adacomp import duo_config  # pylint: disable=unused-import
 from adacomp import evaluator  # pylint: disable=unused-import
 from adacomp import kernels  # pylint: disable=unused-import
 from adacomp import sharding  # pylint: disable=unused-import

@@ -4,12 +4,13 @@ Parameters carry logical axis names (`nn.with_logical_partitioning`); `adacomp.s
 them to mesh axes. Activations are constrained with the `act_*` names.
 """
 from layers.attention import MultiHeadAttention, causal_mask, dot_product_attention
+from layers.duo import BIG, SKIP, SMALL, DuoFFN
 from layers.embedding import Embed
 from layers.mlp import DenseFFN, activation_fn
 from layers.normalization import RMSNorm
 from layers.rope import apply_rope
 
 __all__ = [
-    "Embed", "DenseFFN", "MultiHeadAttention", "RMSNorm", "activation_fn", "apply_rope",
-    "causal_mask", "dot_product_attention",
+    "BIG", "SKIP", "SMALL", "DuoFFN", "Embed", "DenseFFN", "MultiHeadAttention", "RMSNorm",
+    "activation_fn", "apply_rope", "causal_mask", "dot_product_attention",
 ]

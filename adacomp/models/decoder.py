@@ -81,7 +81,7 @@ class DecoderLM(nn.Module):
     if cfg.scan_layers:
       x, _ = nn.scan(
           lambda module, carry, pos, active, route: (module(carry, pos, active, route), None),
-          variable_axes={"params": 0, "cache": 0, "intermediates": 0},
+          variable_axes={"params": 0, "cache": 0, "intermediates": 0, "losses": 0},
           split_rngs={"params": True, "dropout": True, "routing": True},
           in_axes=(nn.broadcast, nn.broadcast if layer_mask is None else 0,
                    nn.broadcast if routes is None else 0),

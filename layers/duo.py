@@ -1,0 +1,328 @@
+"""Duo-LLM FFN: per token, skip the layer, run a small FFN, or run the big one.
+
+Duo-LLM (Alizadeh et al., "Duo-LLM: A Framework for Studying Adaptive Computation in Large
+Language Models", arXiv 2410.10846) gives every FFN layer the model's big FFN and a smaller
+auxiliary FFN. For a token x and its route r in {SKIP, SMALL, BIG}:
+
+    y = FFN_big(x)    = W_out act(W_in x)               if r = BIG    (width d_ff)
+    y = FFN_small(x)  = W_out_s act(W_in_s x)           if r = SMALL  (width d_ff_small)
+    y = 0                                               if r = SKIP
+
+and the block's residual adds y, so SKIP makes the FFN part of the layer the identity.
+
+Routes come, in order of precedence, from
+  * `routes` passed in (int [b, t]): imposed from outside (oracles, ablations), honoured exactly;
+  * `mode`: "random" (the paper's first stage, which makes every routing pattern a valid model:
+    i.i.d. per token with probabilities `mix`), "router" (a learned per-layer router), or
+    "big" / "small" / "skip" (every token one route).
+
+Choices the paper leaves open, made here (each one an attribute, so a gin parameter):
+  * Random routes are drawn from the `routing` rng stream when the caller gives one (training);
+    otherwise from `jax.random.key(seed)`, so evaluation is deterministic. The fixed key does not
+    depend on the layer: layers stacked with `nn.scan` then share one pattern. Pass a `routing`
+    rng for independent per-layer patterns, or impose `routes`. A draw is per call, so a KV-cache
+    decoding loop (one position per call) does not reproduce the full forward pass's pattern;
+    impose `routes` there too.
+  * Router: logits = W_r x (+ b_r), a linear map d -> 3 from the FFN's input (the normed hidden
+    state), or d -> router_hidden -> ReLU -> 3 when `router_hidden` is set (the SkipGPT form).
+    It runs in float32, because a routing decision should not flip with bf16 rounding.
+    Inference (no `routing` rng): r = argmax(logits). Training (a `routing` rng): straight-through
+    hard Gumbel-softmax, s = softmax((logits + g) / temperature), g ~ Gumbel(0, 1),
+    r = argmax(s); the forward pass uses the hard route, and the router's gradient flows
+    through y + sum_m (s_m - stop_gradient(s_m)) FFN_m(x) over the modules computed for the
+    token (both in "masked", the taken one in "gather" / "sorted"), zero in value.
+  * Budget loss, sown into the `losses` collection (the training step adds it to the loss):
+        L_budget = budget_weight * sum_m (mean_tokens softmax(logits)_m - budget_m)^2.
+    By the Gumbel-max trick softmax(logits)_m is exactly the probability that a training
+    token takes route m, so the loss steers the expected route fractions to `budget`.
+  * `train_router_only` stops gradients into the four FFN matrices (stage 3: routers on a
+    frozen random-route model); freezing the rest of the model is the optimizer's job.
+  * Router parameters exist in every mode, so one checkpoint serves every stage (random-route
+    training, then router training) without changing the parameter tree.
+
+Compute paths (`compute`):
+  * "masked": both FFNs on every token, the output selected by route. Training, as in the paper.
+  * "gather": inference with real savings on any backend. Each module has a static capacity,
+    a fraction of the b*t tokens (`capacity=(c_small, c_big)`, rounded up to whole tokens;
+    None: every token fits). The tokens routed to a module are ranked by priority, earliest
+    sequence position first (then lowest batch row), not by router score: top-k by score would
+    make a token's route depend on tokens at later positions, which autoregressive decoding
+    cannot see. The first `capacity` of them are gathered (`pallas_kernels.gather_matmul`), run
+    through that FFN only and scattered back (`pallas_kernels.scatter`). Overflow rule: BIG is
+    filled first; a big-routed token beyond BIG's capacity falls back to SMALL, after every
+    small-routed token (which keep priority) if SMALL still has room; a token beyond SMALL's
+    capacity is skipped. The layer reports the routes taken after overflow.
+  * "sorted": tokens sorted by route (`sort_by_route`), both modules run by
+    `pallas_kernels.routed_ffn` at their own widths with the skip rows last, then unsorted. No
+    capacity and no overflow. Real savings need the TPU/GPU kernels; the CPU reference masks.
+    routed_ffn's GeLU is the tanh form, so this path needs activation "gelu_tanh" (or "relu",
+    "silu") for the same function as the other paths.
+
+Sown intermediates: `routes` (int32 [b, t], the routes taken) and `macs` (float32 [b, t]):
+ffn_macs(d, d_ff) for BIG, ffn_macs(d, d_ff_small) for SMALL, 0 for SKIP, plus the router's
+d*h + h*3 (or d*3) when the router decided. These are what the routes cost at inference; the
+masked path computes both FFNs for every token (training) but reports the same numbers, and
+the gather path's unused capacity slots are not charged to any token.
+
+Parameters: `wi`, `wo` (the big FFN, named like `DenseFFN`'s so a dense checkpoint maps onto
+it), `wi_small`, `wo_small`, and `router/...`; float32 with logical axis names.
+"""
+import math
+from typing import Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.typing import DTypeLike
+
+import pallas_kernels
+from layers.mlp import activation_fn, ffn_macs
+
+SKIP, SMALL, BIG = 0, 1, 2
+NUM_ROUTES = 3
+MODES = ("random", "router", "big", "small", "skip")
+COMPUTES = ("masked", "gather", "sorted")
+
+# routed_ffn names the tanh GeLU "gelu"; layers.mlp's "gelu" is the erf form it lacks.
+_KERNEL_ACTIVATIONS = {"gelu_tanh": "gelu", "relu": "relu", "silu": "silu"}
+
+
+class DuoRouter(nn.Module):
+  """Route logits (float32 [..., 3]) from the hidden state: linear, or one ReLU hidden layer."""
+  hidden: Optional[int] = None
+  param_dtype: DTypeLike = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    h = x.astype(jnp.float32)
+    dense = lambda features, axes, name: nn.Dense(
+        features, dtype=jnp.float32, param_dtype=self.param_dtype, name=name,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)))
+    if self.hidden is not None:
+      h = jax.nn.relu(dense(self.hidden, ("embed", None), "hidden")(h))
+    return dense(NUM_ROUTES, ("embed" if self.hidden is None else None, None), "logits")(h)
+
+  def macs(self, d_model: int) -> int:
+    if self.hidden is None:
+      return d_model * NUM_ROUTES
+    return d_model * self.hidden + self.hidden * NUM_ROUTES
+
+
+def capacity_tokens(fraction: Optional[float], num_tokens: int) -> int:
+  """Static slots for a capacity fraction of `num_tokens`, rounded up (None: all tokens).
+
+  Rounding to 6 decimals first keeps float noise (0.3 * 10 = 3.0000000000000004) from adding a
+  slot; rounding up keeps a positive capacity from vanishing on a one-token decoding step.
+  """
+  if fraction is None:
+    return num_tokens
+  return max(0, min(num_tokens, math.ceil(round(fraction * num_tokens, 6))))
+
+
+def _first_by_priority(priority: jax.Array, k: int):
+  """Picks the k highest-priority tokens among those with priority > 0.
+
+  Returns (idx int32 [k] distinct, valid bool [k], taken bool [n]); slots beyond the number of
+  candidates hold non-candidates with valid False.
+  """
+  n = priority.shape[0]
+  if k == 0:
+    return jnp.zeros((0,), jnp.int32), jnp.zeros((0,), bool), jnp.zeros((n,), bool)
+  values, idx = jax.lax.top_k(priority, k)
+  valid = values > 0
+  return idx, valid, jnp.zeros((n,), bool).at[idx].set(valid)
+
+
+def gather_routes(routes: jax.Array, capacity: Optional[Tuple[float, float]]):
+  """The overflow rule of the gather path, on routes int [b, t].
+
+  Returns (taken routes int32 [b, t], (idx_small, valid_small), (idx_big, valid_big)) with
+  indices into the b*t tokens flattened batch-major.
+  """
+  b, t = routes.shape
+  n = b * t
+  c_small, c_big = (None, None) if capacity is None else capacity
+  flat = routes.reshape(n)
+  # rank 0 = first position of batch row 0; n - rank > 0 orders candidates, earliest first.
+  rank = (jnp.arange(t, dtype=jnp.int32)[None, :] * b
+          + jnp.arange(b, dtype=jnp.int32)[:, None]).reshape(n)
+  first = n - rank
+  idx_big, valid_big, taken_big = _first_by_priority(
+      jnp.where(flat == BIG, first, 0), capacity_tokens(c_big, n))
+  overflow = (flat == BIG) & ~taken_big
+  # Small-routed tokens outrank every demoted big token: demoted ones only fill spare room.
+  idx_small, valid_small, taken_small = _first_by_priority(
+      jnp.where(flat == SMALL, n + first, jnp.where(overflow, first, 0)),
+      capacity_tokens(c_small, n))
+  taken = jnp.where(taken_big, BIG, jnp.where(taken_small, SMALL, SKIP)).astype(jnp.int32)
+  return taken.reshape(b, t), (idx_small, valid_small), (idx_big, valid_big)
+
+
+class DuoFFN(nn.Module):
+  """Duo-LLM's big / small / skip FFN layer (see the module docstring).
+
+  Attributes:
+    d_ff: hidden width of the big FFN (the model's FFN).
+    activation: a `layers.mlp` activation name.
+    d_ff_small: hidden width of the small FFN; None means d_ff // 4.
+    mode: how routes are decided when none are imposed: one of MODES.
+    compute: "masked" (training), "gather" or "sorted" (inference with real savings).
+    mix: (p_skip, p_small, p_big) of random mode.
+    seed: key of random mode's routes when the caller gives no `routing` rng.
+    router_hidden: None for a linear router, else the width of its ReLU hidden layer.
+    temperature: Gumbel-softmax temperature of router training.
+    budget: (f_skip, f_small, f_big) target mean route probabilities of router mode.
+    budget_weight: weight of the budget loss.
+    train_router_only: stop gradients into the FFN weights.
+    capacity: (c_small, c_big) fractions of the b*t tokens each module can take in the gather
+      path; None: every token fits.
+    impl: kernel implementation of the pallas_kernels ops (None: the process default).
+  """
+  d_ff: int
+  activation: str = "gelu"
+  dtype: DTypeLike = jnp.float32
+  param_dtype: DTypeLike = jnp.float32
+  kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+  d_ff_small: Optional[int] = None
+  mode: str = "random"
+  compute: str = "masked"
+  mix: Tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3)
+  seed: int = 0
+  router_hidden: Optional[int] = None
+  temperature: float = 1.0
+  budget: Tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3)
+  budget_weight: float = 1.0
+  train_router_only: bool = False
+  capacity: Optional[Tuple[float, float]] = None
+  impl: Optional[str] = None
+
+  def _check(self, x):
+    if self.mode not in MODES:
+      raise ValueError(f"DuoFFN.mode={self.mode!r}; choose one of {MODES}.")
+    if self.compute not in COMPUTES:
+      raise ValueError(f"DuoFFN.compute={self.compute!r}; choose one of {COMPUTES}.")
+    if x.ndim != 3:
+      raise ValueError(f"DuoFFN needs x [batch, length, d_model]; got {x.shape}.")
+    if self.compute == "sorted" and self.activation not in _KERNEL_ACTIVATIONS:
+      raise ValueError(
+          f"DuoFFN(compute='sorted') runs pallas_kernels.routed_ffn, which has no "
+          f"{self.activation!r}; use activation 'gelu_tanh' (DecoderConfig.activation), 'relu' "
+          f"or 'silu', or compute='masked' / 'gather'.")
+
+  def _weights(self, d_model: int, width: int, suffix: str):
+    init = self.kernel_init
+    w_in = self.param("wi" + suffix, nn.with_logical_partitioning(init, ("embed", "mlp")),
+                      (d_model, width), self.param_dtype)
+    w_out = self.param("wo" + suffix, nn.with_logical_partitioning(init, ("mlp", "embed")),
+                       (width, d_model), self.param_dtype)
+    if self.train_router_only:
+      w_in, w_out = jax.lax.stop_gradient(w_in), jax.lax.stop_gradient(w_out)
+    return w_in.astype(self.dtype), w_out.astype(self.dtype)
+
+  def _decide(self, shape, logits):
+    """Routes int32 [b, t] and the straight-through term (zero-valued, [b, t, 3]) or None."""
+    if self.mode == "router":
+      if not self.has_rng("routing"):
+        return jnp.argmax(logits, -1).astype(jnp.int32), None
+      noise = jax.random.gumbel(self.make_rng("routing"), logits.shape, jnp.float32)
+      soft = jax.nn.softmax((logits + noise) / self.temperature, axis=-1)
+      return jnp.argmax(soft, -1).astype(jnp.int32), soft - jax.lax.stop_gradient(soft)
+    if self.mode == "random":
+      key = (self.make_rng("routing") if self.has_rng("routing") else
+             jax.random.key(self.seed))
+      mix = jnp.asarray(self.mix, jnp.float32)
+      routes = jax.random.categorical(key, jnp.log(mix / jnp.sum(mix)), shape=shape)
+      return routes.astype(jnp.int32), None
+    fixed = {"skip": SKIP, "small": SMALL, "big": BIG}[self.mode]
+    return jnp.full(shape, fixed, jnp.int32), None
+
+  def _budget_loss(self, logits):
+    fractions = jnp.mean(jax.nn.softmax(logits, -1).reshape(-1, NUM_ROUTES), axis=0)
+    target = jnp.asarray(self.budget, jnp.float32)
+    return self.budget_weight * jnp.sum(jnp.square(fractions - target))
+
+  @nn.compact
+  def __call__(self, x, routes=None):
+    """x: [b, t, d]; routes: optional int [b, t] in {SKIP, SMALL, BIG}. Returns y [b, t, d]."""
+    self._check(x)
+    b, t, d_model = x.shape
+    d_small = self.d_ff // 4 if self.d_ff_small is None else self.d_ff_small
+    big = self._weights(d_model, self.d_ff, "")
+    small = self._weights(d_model, d_small, "_small")
+    router = DuoRouter(self.router_hidden, param_dtype=self.param_dtype, name="router")
+    routed_by_router = routes is None and self.mode == "router"
+    logits = router(x) if routed_by_router or self.is_initializing() else None
+
+    straight = None
+    if routes is not None:
+      routes = jnp.asarray(routes, jnp.int32)
+    else:
+      routes, straight = self._decide((b, t), logits)
+    if routed_by_router:
+      self.sow("losses", "duo_budget", self._budget_loss(logits))
+
+    if self.compute == "masked":
+      y, taken = self._masked(x, routes, small, big, straight), routes
+    elif self.compute == "gather":
+      y, taken = self._gather(x, routes, small, big, straight)
+    else:
+      y, taken = self._sorted(x, routes, small, big, straight), routes
+
+    macs = jnp.where(taken == BIG, float(ffn_macs(d_model, self.d_ff)),
+                     jnp.where(taken == SMALL, float(ffn_macs(d_model, d_small)), 0.0))
+    if routed_by_router:
+      macs = macs + float(router.macs(d_model))
+    self.sow("intermediates", "routes", taken)
+    self.sow("intermediates", "macs", macs.astype(jnp.float32))
+    return y
+
+  def _ffn(self, x, weights):
+    w_in, w_out = weights
+    h = activation_fn(self.activation)(jnp.einsum("...d,df->...f", x, w_in))
+    h = nn.with_logical_constraint(h, ("act_batch", "act_length", "act_mlp"))
+    return jnp.einsum("...f,fd->...d", h, w_out)
+
+  def _masked(self, x, routes, small, big, straight):
+    y_small, y_big = self._ffn(x, small), self._ffn(x, big)
+    r = routes[..., None]
+    y = jnp.where(r == BIG, y_big, jnp.where(r == SMALL, y_small, jnp.zeros_like(y_big)))
+    if straight is not None:
+      st = straight.astype(y.dtype)
+      y = y + st[..., SMALL:SMALL + 1] * y_small + st[..., BIG:BIG + 1] * y_big
+    return y
+
+  def _gather(self, x, routes, small, big, straight):
+    b, t, d_model = x.shape
+    taken, *slots = gather_routes(routes, self.capacity)
+    flat = x.reshape(b * t, d_model)
+    st = None if straight is None else straight.reshape(b * t, NUM_ROUTES).astype(x.dtype)
+    out = jnp.zeros_like(flat)
+    for route, (w_in, w_out), (idx, valid) in zip((SMALL, BIG), (small, big), slots):
+      if idx.shape[0] == 0:
+        continue
+      h = activation_fn(self.activation)(
+          pallas_kernels.gather_matmul(flat, idx, w_in, impl=self.impl))
+      y = jnp.dot(h, w_out)
+      if st is not None:
+        y = y + st[idx, route][:, None] * y
+      # Slots past the candidates hold other tokens; they add zero ("set" could overwrite a
+      # token the other module computed).
+      y = jnp.where(valid[:, None], y, 0)
+      out = pallas_kernels.scatter(y, idx, out, mode="add", impl=self.impl)
+    return out.reshape(b, t, d_model), taken
+
+  def _sorted(self, x, routes, small, big, straight):
+    b, t, d_model = x.shape
+    flat = x.reshape(b * t, d_model)
+    # routed_ffn's groups: 0 = small, 1 = big; route - 1 sends SKIP to -1, the skip rows.
+    rows, order = pallas_kernels.sort_by_route(flat, routes.reshape(-1) - 1, 2)
+    w_in, w_out, widths = pallas_kernels.stack_ffn_weights([small, big])
+    y = pallas_kernels.routed_ffn(rows, order.group_sizes, w_in, w_out, widths,
+                                  activation=_KERNEL_ACTIVATIONS[self.activation],
+                                  impl=self.impl)
+    y = pallas_kernels.unsort_by_route(y, order).reshape(b, t, d_model)
+    if straight is not None:
+      st = jnp.take_along_axis(straight, routes[..., None], -1).astype(y.dtype)
+      y = y + st * y
+    return y

@@ -1,0 +1,368 @@
+"""DuoFFN (Duo-LLM): big / small / skip routing per token, its compute paths and accounting."""
+import functools
+import math
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from adacomp import duo_config  # pylint: disable=unused-import  (registers duo_ffn)
+from adacomp import sharding, training
+from adacomp.models.decoder import DecoderConfig, DecoderLM
+from layers.block import DecoderBlock
+from layers.duo import BIG, SKIP, SMALL, DuoFFN
+from layers.mlp import DenseFFN
+
+B, T, D, F = 2, 8, 16, 64
+F_SMALL = F // 4
+
+
+def _x(shape=(B, T, D), seed=0):
+  return jax.random.normal(jax.random.key(seed), shape)
+
+
+def _routes(shape=(B, T), seed=1):
+  return jax.random.randint(jax.random.key(seed), shape, 0, 3)
+
+
+def _params(module, x, **kw):
+  init = jax.jit(lambda key, x: module.init(key, x, **kw))
+  return nn.meta.unbox(init(jax.random.key(7), x)["params"])
+
+
+@pytest.fixture(scope="module", name="p")
+def _shared_params():
+  """DuoFFN(d_ff=F)'s parameters: one tree serves every mode and compute path."""
+  return _params(DuoFFN(d_ff=F), _x())
+
+
+def _gelu(h):
+  return 0.5 * h * (1 + np.vectorize(math.erf)(h / np.sqrt(2)))
+
+
+def _expected(p, x, routes):
+  """Per token: the big FFN, the small FFN or 0 by route, in numpy from the params."""
+  x = np.asarray(x, np.float64)
+  big = _gelu(x @ p["wi"]) @ p["wo"]
+  small = _gelu(x @ p["wi_small"]) @ p["wo_small"]
+  r = np.asarray(routes)[..., None]
+  return np.where(r == BIG, big, np.where(r == SMALL, small, 0.0))
+
+
+def _apply(module, p, x, *, routes=None, rngs=None):
+  """(y, routes taken, macs, sown losses), jitted: eager flax is slow op by op."""
+  apply = jax.jit(lambda p, x, routes, rngs: module.apply(
+      {"params": p}, x, routes=routes, rngs=rngs, mutable=["intermediates", "losses"]))
+  y, state = apply(p, x, routes, rngs)
+  inter = state["intermediates"]
+  return y, inter["routes"][0], inter["macs"][0], state.get("losses", {})
+
+
+def _expected_overflow(routes, k_small, k_big):
+  """The gather path's overflow rule, token by token in priority order (position, then row)."""
+  b, t = routes.shape
+  order = [(i, j) for j in range(t) for i in range(b)]
+  taken = np.full((b, t), SKIP)
+  demoted = []
+  for i, j in order:
+    if routes[i, j] == BIG:
+      if k_big:
+        taken[i, j], k_big = BIG, k_big - 1
+      else:
+        demoted.append((i, j))
+  for i, j in [o for o in order if routes[o] == SMALL] + demoted:
+    if k_small:
+      taken[i, j], k_small = SMALL, k_small - 1
+  return taken
+
+
+@pytest.mark.parametrize("compute", ["masked", "gather"])
+def test_imposed_routes_are_honoured_per_token(compute, p):
+  x, routes = _x(), _routes()
+  # mode="skip" would zero every token: the output shows the imposed routes win.
+  module = DuoFFN(d_ff=F, mode="skip", compute=compute)
+  y, taken, _, _ = _apply(module, p, x, routes=routes)
+  np.testing.assert_array_equal(taken, routes)
+  np.testing.assert_allclose(y, _expected(p, x, routes), rtol=1e-4, atol=1e-5)
+  assert not np.asarray(y)[np.asarray(routes) == SKIP].any()
+
+
+@pytest.mark.parametrize("compute", ["masked", "gather"])
+def test_all_big_route_equals_dense_ffn(compute, p):
+  x = _x()
+  module = DuoFFN(d_ff=F, mode="big", compute=compute)
+  y, _, macs, _ = _apply(module, p, x)
+  dense_y, dense_state = DenseFFN(d_ff=F).apply(
+      {"params": {"wi": p["wi"], "wo": p["wo"]}}, x, mutable=["intermediates"])
+  np.testing.assert_allclose(y, dense_y, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(macs, dense_state["intermediates"]["macs"][0])
+
+
+class _NoFFN(nn.Module):
+  """A block FFN slot that adds nothing: the block reduces to its attention residual."""
+  d_ff: int
+  activation: str = "gelu"
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, routes=None):
+    return jnp.zeros_like(x)
+
+
+def test_all_skip_routes_make_the_block_its_attention_residual_only():
+  x = _x()
+  positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+  block = DecoderBlock(num_heads=2, head_dim=8, d_ff=F, ffn_cls=DuoFFN)
+  p = _params(block, x, positions=positions)
+  skip = jax.jit(block.apply)({"params": p}, x, positions, routes=jnp.full((B, T), SKIP))
+  no_ffn = jax.jit(DecoderBlock(num_heads=2, head_dim=8, d_ff=F, ffn_cls=_NoFFN).apply)(
+      {"params": {k: v for k, v in p.items() if k != "ffn"}}, x, positions)
+  np.testing.assert_array_equal(skip, no_ffn)
+
+
+@pytest.mark.parametrize("mode", ["random", "router"])
+def test_macs_match_the_routes(mode, p):
+  x = _x()
+  module = DuoFFN(d_ff=F, mode=mode)
+  _, routes, macs, _ = _apply(module, p, x)
+  router = D * 3 if mode == "router" else 0
+  want = np.choose(np.asarray(routes), [0, 2 * D * F_SMALL, 2 * D * F]) + router
+  np.testing.assert_array_equal(macs, want)
+  assert macs.dtype == jnp.float32 and len(set(np.asarray(routes).ravel())) == 3
+
+
+def test_random_route_frequencies_match_mix(p):
+  mix = np.array([0.2, 0.3, 0.5])
+  x = _x((8, 256, D))
+  module = DuoFFN(d_ff=F, mode="random", mix=tuple(mix))
+  _, routes, _, _ = _apply(module, p, x, rngs={"routing": jax.random.key(3)})
+  n = routes.size
+  counts = np.bincount(np.asarray(routes).ravel(), minlength=3)
+  # 4.5 binomial standard deviations: a false alarm about once in 10^5 runs per route.
+  np.testing.assert_array_less(np.abs(counts - n * mix), 4.5 * np.sqrt(n * mix * (1 - mix)))
+
+
+def test_random_routes_are_deterministic_without_a_routing_rng(p):
+  x = _x()
+  module = DuoFFN(d_ff=F, mode="random")
+  _, a, _, _ = _apply(module, p, x)
+  _, b, _, _ = _apply(module, p, x)
+  np.testing.assert_array_equal(a, b)
+  _, other_seed, _, _ = _apply(module.clone(seed=1), p, x)
+  _, sampled, _, _ = _apply(module, p, x, rngs={"routing": jax.random.key(5)})
+  assert not np.array_equal(a, other_seed) and not np.array_equal(a, sampled)
+
+
+def _router_logits(p, x):
+  r = p["router"]["logits"]
+  return np.asarray(x) @ r["kernel"] + r["bias"]
+
+
+def test_router_routes_are_the_argmax_of_its_logits_at_inference(p):
+  x = _x((4, 32, D))
+  module = DuoFFN(d_ff=F, mode="router")
+  y, routes, _, _ = _apply(module, p, x)
+  want = np.argmax(_router_logits(p, x), -1)
+  np.testing.assert_array_equal(routes, want)
+  np.testing.assert_allclose(y, _expected(p, x, want), rtol=1e-4, atol=1e-5)
+
+
+def test_router_training_routes_are_hard_and_the_router_gets_a_gradient(p):
+  x = _x()
+  module = DuoFFN(d_ff=F, mode="router", budget_weight=0.0)
+  rngs = {"routing": jax.random.key(4)}
+  y, routes, _, _ = _apply(module, p, x, rngs=rngs)
+  np.testing.assert_allclose(y, _expected(p, x, routes), rtol=1e-4, atol=1e-5)
+  # Gumbel noise: training routes are samples, not the inference argmax.
+  assert not np.array_equal(routes, np.argmax(_router_logits(p, x), -1))
+  grads = jax.jit(jax.grad(
+      lambda q: jnp.sum(module.apply({"params": q}, x, rngs=rngs) ** 2)))(p)
+  assert np.abs(grads["router"]["logits"]["kernel"]).max() > 0
+
+
+def test_budget_loss_is_the_squared_distance_of_mean_probabilities_to_the_budget(p):
+  x = _x()
+  budget = (0.5, 0.3, 0.2)
+  module = DuoFFN(d_ff=F, mode="router", budget=budget, budget_weight=3.0)
+  _, _, _, losses = _apply(module, p, x, rngs={"routing": jax.random.key(4)})
+  logits = _router_logits(p, x)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  want = 3.0 * np.sum((probs.reshape(-1, 3).mean(0) - np.array(budget)) ** 2)
+  np.testing.assert_allclose(losses["duo_budget"][0], want, rtol=1e-5)
+
+
+def test_budget_loss_gradient_moves_route_fractions_toward_the_budget(p):
+  x = _x((4, 64, D))
+  budget = np.array([0.1, 0.1, 0.8])
+  module = DuoFFN(d_ff=F, mode="router", budget=tuple(budget))
+
+  def budget_loss(q):
+    _, state = module.apply({"params": q}, x, mutable=["losses"])
+    return state["losses"]["duo_budget"][0]
+
+  def fractions(q):
+    _, routes, _, _ = _apply(module, q, x)
+    return np.bincount(np.asarray(routes).ravel(), minlength=3) / routes.size
+
+  before = np.abs(fractions(p) - budget).sum()
+  step = jax.jit(lambda q: jax.tree.map(lambda a, g: a - 2.0 * g, q, jax.grad(budget_loss)(q)))
+  for _ in range(30):
+    p = step(p)
+  after = np.abs(fractions(p) - budget).sum()
+  assert after < 0.5 * before, (before, after)
+
+
+def test_train_router_only_stops_gradients_into_the_ffns(p):
+  x = _x()
+  module = DuoFFN(d_ff=F, mode="router", train_router_only=True)
+  grads = jax.jit(jax.grad(lambda q: jnp.sum(module.apply(
+      {"params": q}, x, rngs={"routing": jax.random.key(4)}) ** 2)))(p)
+  for name in ("wi", "wo", "wi_small", "wo_small"):
+    np.testing.assert_array_equal(grads[name], 0)
+  assert np.abs(grads["router"]["logits"]["kernel"]).max() > 0
+
+
+@pytest.mark.parametrize("capacity", [None, (0.5, 0.5)])
+def test_gather_path_equals_masked_path_when_capacity_suffices(capacity, p):
+  x = _x()
+  routes = jnp.array([[BIG, SMALL, SKIP, BIG, SMALL, SKIP, BIG, SMALL]] * B)  # 6 of 16 each
+  masked = DuoFFN(d_ff=F, compute="masked")
+  want, _, want_macs, _ = _apply(masked, p, x, routes=routes)
+  y, taken, macs, _ = _apply(masked.clone(compute="gather", capacity=capacity), p, x,
+                             routes=routes)
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(taken, routes)
+  np.testing.assert_array_equal(macs, want_macs)
+
+
+# 24 tokens: 16 routed big, 5 small. BIG keeps 5; with 6 small slots one demoted big token
+# fits and ten are skipped; with 3, two small-routed tokens and every demoted one are skipped.
+@pytest.mark.parametrize("k_small, demoted, small_skipped", [(6, 1, 0), (3, 0, 2)])
+def test_gather_path_overflow_demotes_big_to_small_then_skips(k_small, demoted, small_skipped, p):
+  x = _x((4, 6, D))
+  routes = jax.random.choice(jax.random.key(2), 3, (4, 6), p=jnp.array([0.1, 0.2, 0.7]))
+  k_big = 5
+  module = DuoFFN(d_ff=F, compute="gather", capacity=(k_small / 24, k_big / 24))
+  y, taken, macs, _ = _apply(module, p, x, routes=routes)
+  r, want = np.asarray(routes), _expected_overflow(np.asarray(routes), k_small, k_big)
+  assert ((r == BIG) & (want == SMALL)).sum() == demoted
+  assert ((r == SMALL) & (want == SKIP)).sum() == small_skipped
+  np.testing.assert_array_equal(taken, want)
+  np.testing.assert_allclose(y, _expected(p, x, want), rtol=1e-4, atol=1e-5)
+  np.testing.assert_array_equal(macs, np.choose(want, [0, 2 * D * F_SMALL, 2 * D * F]))
+
+
+def test_gather_path_compiled_flops_fall_with_capacity(p):
+  x = _x((4, 16, D))
+  routes = jnp.full((4, 16), BIG)
+
+  def flops(capacity):
+    module = DuoFFN(d_ff=F, compute="gather", capacity=capacity)
+    f = jax.jit(lambda q, x: module.apply({"params": q}, x, routes=routes))
+    cost = f.lower(p, x).compile().cost_analysis()
+    return (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
+
+  quarter, half, full = flops((0.25, 0.25)), flops((0.5, 0.5)), flops((1.0, 1.0))
+  assert quarter < half < full
+  # The FFN matmuls dominate and scale with the capacity; routing overhead is small.
+  np.testing.assert_allclose([quarter / full, half / full], [0.25, 0.5], rtol=0.1)
+
+
+@pytest.mark.parametrize("impl", ["xla", "interpret"])
+def test_sorted_path_equals_masked_path(impl, p):
+  x, routes = _x(), _routes()
+  masked = DuoFFN(d_ff=F, activation="gelu_tanh")
+  want, _, want_macs, _ = _apply(masked, p, x, routes=routes)
+  y, taken, macs, _ = _apply(masked.clone(compute="sorted", impl=impl), p, x, routes=routes)
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(taken, routes)
+  np.testing.assert_array_equal(macs, want_macs)
+
+
+def test_sorted_path_rejects_the_erf_gelu_routed_ffn_lacks():
+  with pytest.raises(ValueError, match="gelu_tanh"):
+    DuoFFN(d_ff=F, compute="sorted").init(jax.random.key(0), _x())
+
+
+CFG = DecoderConfig(vocab_size=40, num_layers=2, d_model=32, num_heads=2, head_dim=16, d_ff=64,
+                    max_len=32, ffn_cls=DuoFFN)
+
+
+def _scan_to_unrolled(params, num_layers):
+  out = {k: v for k, v in params.items() if k != "blocks"}
+  for i in range(num_layers):
+    out[f"block_{i}"] = jax.tree.map(lambda a, i=i: a[i], params["blocks"])
+  return out
+
+
+def test_scanned_and_unrolled_decoders_honour_per_layer_routes():
+  ids = jax.random.randint(jax.random.key(1), (B, T), 0, 40)
+  routes = _routes((CFG.num_layers, B, T))
+  scanned = DecoderLM(CFG)
+  p = _params(scanned, ids)
+  apply = lambda model: jax.jit(functools.partial(model.apply, mutable=["intermediates"]))
+  apply_scanned = apply(scanned)
+  got, state = apply_scanned({"params": p}, ids, routes=routes)
+  np.testing.assert_array_equal(state["intermediates"]["blocks"]["ffn"]["routes"][0], routes)
+  unrolled = DecoderLM(DecoderConfig(**{**CFG.__dict__, "scan_layers": False}))
+  want, unrolled_state = apply(unrolled)(
+      {"params": _scan_to_unrolled(p, CFG.num_layers)}, ids, routes=routes)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  for i in range(CFG.num_layers):
+    np.testing.assert_array_equal(
+        unrolled_state["intermediates"][f"block_{i}"]["ffn"]["routes"][0], routes[i])
+  all_big, _ = apply_scanned({"params": p}, ids, routes=jnp.full_like(routes, BIG))
+  assert not np.allclose(got, all_big, atol=1e-4)
+
+
+def _one_train_step(model):
+  """One step of adacomp.training on a random batch, as tests/adacomp/sharding_check.py does."""
+  mesh = sharding.make_mesh(data=1, fsdp=1, tensor=1, devices=jax.devices()[:1])
+  rules = sharding.logical_axis_rules()
+  tx = training.make_optimizer(10, learning_rate=1e-2, warmup_steps=0)
+  ids = np.random.default_rng(0).integers(0, 259, (2, 9))
+  batch = {"inputs": ids[:, :-1].astype(np.int32), "targets": ids[:, 1:].astype(np.int32),
+           "weights": np.ones((2, 8), np.float32), "target_bytes": np.ones((2, 8), np.float32)}
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    state, _, _ = training.init_train_state(model, tx, 8, 0, mesh, rules)
+    new_state, metrics = jax.jit(training.make_train_step(model, tx, 0))(
+        state, sharding.global_batch(batch, mesh))
+  return state, new_state, jax.device_get(metrics)
+
+
+GIN = """
+DecoderConfig.num_layers = 1
+DecoderConfig.d_model = 32
+DecoderConfig.num_heads = 2
+DecoderConfig.head_dim = 16
+DecoderConfig.d_ff = 64
+DecoderConfig.max_len = 16
+DecoderConfig.ffn_cls = @duo_ffn()
+duo_ffn.mode = 'router'
+duo_ffn.d_ff_small = 8
+duo_ffn.budget = (0.2, 0.3, 0.5)
+"""
+
+
+def test_gin_selects_duo_ffn_and_a_train_step_adds_its_budget_loss():
+  gin.parse_config(GIN)
+  model = training.build_decoder(259, DecoderConfig())
+  state, new_state, metrics = _one_train_step(model)
+  assert state.params["blocks"]["ffn"]["wi_small"].shape == (1, 32, 8)
+  assert metrics["aux_loss"] > 0 and np.isfinite(metrics["loss"])
+  moved = jax.tree.map(lambda a, b: bool(np.any(a != b)), state.params, new_state.params)
+  assert moved["blocks"]["ffn"]["router"]["logits"]["kernel"]
+
+
+def test_budget_loss_reaches_the_losses_collection_from_scanned_layers():
+  ids = jnp.zeros((B, T), jnp.int32)
+  model = DecoderLM(DecoderConfig(**{**CFG.__dict__, "ffn_cls": functools.partial(
+      DuoFFN, mode="router")}))
+  _, state = jax.jit(functools.partial(model.apply, mutable=["losses"]))(
+      {"params": _params(model, ids)}, ids, rngs={"routing": jax.random.key(0)})
+  assert jax.tree.leaves(state.get("losses", {}))
