@@ -6,6 +6,8 @@ directory and renames it when complete, so a run killed mid-save leaves the prev
 and a restart resumes from the latest complete one (the partial one is removed on start-up).
 """
 import json
+import os
+import socket
 from typing import Any, Optional
 
 import gin
@@ -33,7 +35,8 @@ def checkpoint_root(path: str) -> epath.Path:
 def ensure_writable(workdir: str) -> epath.Path:
   """Creates the workdir and proves it writable before any work is done."""
   path = epath.Path(workdir)
-  probe = path / ".write_probe"
+  # One probe per process: the processes of a multi-process run share the workdir.
+  probe = path / f".write_probe.{socket.gethostname()}.{os.getpid()}"
   try:
     path.mkdir(parents=True, exist_ok=True)
     probe.write_text("ok")
