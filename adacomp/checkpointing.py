@@ -51,20 +51,19 @@ def ensure_writable(workdir: str) -> epath.Path:
 ITEMS = ("params", "opt_state", "data", "meta")
 
 
-def _item_handlers(items) -> dict:
-  """Handlers for the items a manager touches, so that fresh managers (restarts, eval.py) can
-  read metadata and restore without having saved first."""
-  handlers = {"params": ocp.StandardCheckpointHandler,
-              "opt_state": ocp.StandardCheckpointHandler,
-              "meta": ocp.JsonCheckpointHandler,
-              "data": grain.checkpoint.CheckpointHandler}
-  return {name: handlers[name]() for name in items}
+def _item_handlers() -> dict:
+  """A handler for every item, so that fresh managers (restarts, eval.py) can read metadata and
+  restore without having saved first."""
+  return {"params": ocp.StandardCheckpointHandler(),
+          "opt_state": ocp.StandardCheckpointHandler(),
+          "meta": ocp.JsonCheckpointHandler(),
+          "data": grain.checkpoint.CheckpointHandler()}
 
 
 def _read_only_manager(root: epath.Path) -> ocp.CheckpointManager:
   """Knows every item's handler (orbax warns about items on disk it cannot read otherwise);
   callers restore only what they need."""
-  return ocp.CheckpointManager(root, item_names=ITEMS, item_handlers=_item_handlers(ITEMS),
+  return ocp.CheckpointManager(root, item_names=ITEMS, item_handlers=_item_handlers(),
                                options=ocp.CheckpointManagerOptions(create=False))
 
 
@@ -75,7 +74,7 @@ def make_manager(workdir: str, *, save_every: int = 500, keep: int = 3,
       save_interval_steps=save_every, max_to_keep=keep,
       enable_async_checkpointing=async_save, cleanup_tmp_directories=True, create=True)
   return ocp.CheckpointManager(epath.Path(workdir) / CHECKPOINT_SUBDIR, options=options,
-                               item_names=ITEMS, item_handlers=_item_handlers(ITEMS))
+                               item_names=ITEMS, item_handlers=_item_handlers())
 
 
 class _IteratorState:
