@@ -76,7 +76,7 @@ import jax.numpy as jnp
 from jax.typing import DTypeLike
 
 import pallas_kernels
-from layers.mlp import activation_fn, ffn_macs
+from layers.mlp import activation_fn, feed_forward, ffn_macs
 
 SKIP, SMALL, BIG = 0, 1, 2
 NUM_ROUTES = 3
@@ -277,14 +277,9 @@ class DuoFFN(nn.Module):
     self.sow("intermediates", "macs", macs.astype(jnp.float32))
     return y
 
-  def _ffn(self, x, weights):
-    w_in, w_out = weights
-    h = activation_fn(self.activation)(jnp.einsum("...d,df->...f", x, w_in))
-    h = nn.with_logical_constraint(h, ("act_batch", "act_length", "act_mlp"))
-    return jnp.einsum("...f,fd->...d", h, w_out)
-
   def _masked(self, x, routes, small, big, straight):
-    y_small, y_big = self._ffn(x, small), self._ffn(x, big)
+    y_small = feed_forward(x, *small, self.activation)
+    y_big = feed_forward(x, *big, self.activation)
     r = routes[..., None]
     y = jnp.where(r == BIG, y_big, jnp.where(r == SMALL, y_small, jnp.zeros_like(y_big)))
     if straight is not None:

@@ -25,6 +25,13 @@ def ffn_macs(d_model: int, d_ff: int) -> int:
   return 2 * d_model * d_ff
 
 
+def feed_forward(x, w_in, w_out, activation: str):
+  """W_out act(W_in x), the hidden activations constrained to the `act_mlp` axis."""
+  h = activation_fn(activation)(jnp.einsum("...d,df->...f", x, w_in))
+  h = nn.with_logical_constraint(h, ("act_batch", "act_length", "act_mlp"))
+  return jnp.einsum("...f,fd->...d", h, w_out)
+
+
 class DenseFFN(nn.Module):
   """Dense FFN; sows `macs` (per token) so evaluation can report compute like adaptive layers."""
   d_ff: int
@@ -41,10 +48,7 @@ class DenseFFN(nn.Module):
                       (d_model, self.d_ff), self.param_dtype)
     w_out = self.param("wo", nn.with_logical_partitioning(self.kernel_init, ("mlp", "embed")),
                        (self.d_ff, d_model), self.param_dtype)
-    h = jnp.einsum("...d,df->...f", x, w_in.astype(self.dtype))
-    h = activation_fn(self.activation)(h)
-    h = nn.with_logical_constraint(h, ("act_batch", "act_length", "act_mlp"))
-    y = jnp.einsum("...f,fd->...d", h, w_out.astype(self.dtype))
+    y = feed_forward(x, w_in.astype(self.dtype), w_out.astype(self.dtype), self.activation)
     self.sow("intermediates", "macs",
              jnp.full(x.shape[:-1], ffn_macs(d_model, self.d_ff), jnp.float32))
     return y
