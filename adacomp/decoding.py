@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adacomp.models.decoder import DecoderConfig, parse_dtype
+from adacomp.models.decoder import DecoderConfig, block_kwargs, parse_dtype
 from layers.block import DecoderBlock
 from layers.embedding import Embed
-from layers.normalization import RMSNorm
+from layers.normalization import make_norm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,12 +50,8 @@ class Decoder:
     dtype, param_dtype = parse_dtype(config.dtype), parse_dtype(config.param_dtype)
     self._dtype = dtype
     self.embed = Embed(config.vocab_size, config.d_model, dtype=dtype, param_dtype=param_dtype)
-    self.block = DecoderBlock(
-        num_heads=config.num_heads, head_dim=config.head_dim, d_ff=config.d_ff,
-        activation=config.activation, rope_base=config.rope_base,
-        rope_fraction=config.rope_fraction, ffn_cls=config.ffn_cls, decode=True, dtype=dtype,
-        param_dtype=param_dtype)
-    self.norm = RMSNorm(dtype=dtype, param_dtype=param_dtype)
+    self.block = DecoderBlock(**block_kwargs(config, decode=True))
+    self.norm = make_norm(config.norm, dtype=dtype, param_dtype=param_dtype)
 
   # -- cache ---------------------------------------------------------------------------------
   def init_cache(self, batch: int, max_len: int):
@@ -82,7 +78,7 @@ class Decoder:
     return y, cache
 
   def _logits(self, params, x):
-    x = self.norm.apply({"params": params["final_norm"]}, x)
+    x = self.norm.apply({"params": params.get("final_norm", {})}, x)
     if self.config.tied_embeddings:
       return self.embed.apply({"params": params["embed"]}, x, method=Embed.attend)
     return jnp.einsum("btd,dv->btv", x, params["logits"].astype(self._dtype),

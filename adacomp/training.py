@@ -10,6 +10,7 @@ collection (router, budget and distillation terms of the adaptive methods).
 """
 import dataclasses
 import math
+import re
 import time
 from typing import Any, Optional
 
@@ -51,11 +52,16 @@ def make_optimizer(num_steps: int, *, learning_rate: float = 3e-3, warmup_steps:
                    schedule: str = "cosine", decay_steps: Optional[int] = None,
                    end_lr_fraction: float = 0.1, b1: float = 0.9, b2: float = 0.95,
                    eps: float = 1e-8, weight_decay: float = 0.1,
-                   grad_clip_norm: Optional[float] = 1.0) -> optax.GradientTransformation:
+                   grad_clip_norm: Optional[float] = 1.0,
+                   trainable: Optional[str] = None) -> optax.GradientTransformation:
   """AdamW with linear warm-up then cosine/linear decay or a constant rate.
 
   `decay_steps` defaults to the run's `num_steps`; fix it when a run is split into parts so that
   every part sees the same schedule. Norm scales are not weight-decayed.
+
+  `trainable`: a regular expression searched in each parameter's path ("blocks/ffn/router/w");
+  parameters that do not match are frozen (zero update, no optimizer state, outside the clipped
+  norm). None trains everything. Staged methods (Duo's router stage, informed routing) use it.
   """
   decay_steps = num_steps if decay_steps is None else decay_steps
   after = max(decay_steps - warmup_steps, 1)
@@ -79,7 +85,31 @@ def make_optimizer(num_steps: int, *, learning_rate: float = 3e-3, warmup_steps:
   chain = [optax.clip_by_global_norm(grad_clip_norm)] if grad_clip_norm else []
   chain.append(optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
                            mask=decay_mask))
-  return optax.chain(*chain)
+  tx = optax.chain(*chain)
+  if trainable is None:
+    return tx
+  pattern = re.compile(trainable)
+
+  def labels(params):
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep="/")
+    if not any(pattern.search(path) for path in flat):
+      raise ValueError(
+          f"make_optimizer.trainable={trainable!r} matches no parameter, so nothing would train. "
+          f"Parameter paths look like {sorted(flat)[:4]}; fix the expression.")
+    return flax.traverse_util.unflatten_dict(
+        {tuple(k.split("/")): ("train" if pattern.search(k) else "frozen") for k in flat})
+
+  return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def trainable_mask(tx_trainable: Optional[str], params):
+  """Bool tree: which parameters `make_optimizer.trainable` lets train (all when None)."""
+  if tx_trainable is None:
+    return jax.tree.map(lambda _: True, params)
+  pattern = re.compile(tx_trainable)
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep="/")
+  return flax.traverse_util.unflatten_dict(
+      {tuple(k.split("/")): bool(pattern.search(k)) for k in flat})
 
 
 def build_decoder(vocab_size: int, config: Optional[DecoderConfig] = None,
@@ -124,7 +154,10 @@ def macs_per_token(intermediates, shape, layer_mask=None) -> jax.Array:
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, seed: int,
-                    layer_mask: Optional[np.ndarray] = None):
+                    layer_mask: Optional[np.ndarray] = None, task_loss_weight: float = 1.0,
+                    grad_mask=None):
+  """One optimizer step. The objective is task_loss_weight * cross-entropy + sown losses;
+  `grad_mask` (bool tree, trainable parameters) restricts the reported gradient norm."""
   base_key = jax.random.key(seed)
 
   def train_step(state: TrainState, batch):
@@ -137,13 +170,15 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, seed: in
       sums = evaluation.token_sums(logits, batch)
       ce = sums["nats"] / jnp.maximum(sums["weights"], 1.0)
       aux = sum_sown(mutables.get("losses", {}))
-      return ce + aux, (sums, ce, aux)
+      return task_loss_weight * ce + aux, (sums, ce, aux)
 
     grads, (sums, ce, aux) = jax.grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-    metrics = {"loss": ce, "aux_loss": aux, "grad_norm": optax.tree.norm(grads),
+    shown = grads if grad_mask is None else jax.tree.map(
+        lambda g, m: g if m else jnp.zeros((), g.dtype), grads, grad_mask)
+    metrics = {"loss": ce, "aux_loss": aux, "grad_norm": optax.tree.norm(shown),
                "bits_per_byte": sums["nats"] / evaluation.LN2 / jnp.maximum(sums["bytes"], 1.0),
                "tokens": sums["weights"],
                # Checked before every save: a finite loss computed from the old params does not
@@ -209,6 +244,14 @@ def _flops(compiled) -> Optional[float]:
   return float((cost or {}).get("flops", 0.0)) or None
 
 
+def _bound(name: str) -> bool:
+  try:
+    gin.query_parameter(name)
+    return True
+  except ValueError:
+    return False
+
+
 def count_params(tree) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
@@ -218,12 +261,13 @@ def train(workdir: str, *, num_steps: int = gin.REQUIRED, batch_size: int = 16,
           seq_len: int = 256, seed: int = 0, log_every: int = 50, eval_every: int = 500,
           eval_batches: Optional[int] = 32, peak_flops_per_device: Optional[float] = None,
           model_config: Optional[DecoderConfig] = None,
-          init_checkpoint: Optional[str] = None) -> dict:
+          init_checkpoint: Optional[str] = None, task_loss_weight: float = 1.0) -> dict:
   """Trains the gin-configured model in `workdir`; returns the final evaluation summary.
 
   `init_checkpoint` (a workdir or its checkpoints/ folder) starts a new run from another run's
   params with a fresh optimizer (fine-tuning); a run that already has checkpoints of its own
-  resumes from them instead.
+  resumes from them instead. `task_loss_weight` scales the cross-entropy (0 trains on the sown
+  losses alone, e.g. distillation stages); `make_optimizer.trainable` freezes parameters.
   """
   workdir_path = checkpointing.ensure_writable(workdir)
   kernels.configure_kernels()
@@ -265,7 +309,16 @@ def train(workdir: str, *, num_steps: int = gin.REQUIRED, batch_size: int = 16,
             f"{jax.process_count()} process(es)", flush=True)
 
     layer_mask = skip_schedule.layer_mask_for_training(seq_len, model.config.num_layers)
-    step_fn = jax.jit(make_train_step(model, tx, seed, layer_mask), donate_argnums=0,
+    grad_mask = trainable_mask(gin.query_parameter("make_optimizer.trainable")
+                               if _bound("make_optimizer.trainable") else None, state.params)
+    if not all(jax.tree.leaves(grad_mask)):
+      frozen = count_params(state.params) - sum(
+          int(np.prod(x.shape)) for x, m in zip(jax.tree.leaves(state.params),
+                                                jax.tree.leaves(grad_mask)) if m)
+      print(f"Training {count_params(state.params) - frozen:,} parameters; {frozen:,} frozen "
+            f"(make_optimizer.trainable)", flush=True)
+    step_fn = jax.jit(make_train_step(model, tx, seed, layer_mask, task_loss_weight, grad_mask),
+                      donate_argnums=0,
                       out_shardings=(state_sharding, None))
     eval_fn = jax.jit(make_eval_step(model, layer_mask))
     writer = metrics_lib.MetricWriter(str(workdir_path), num_steps)

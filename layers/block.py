@@ -1,7 +1,10 @@
 """Pre-norm Transformer decoder block: x + Attn(Norm(x)), then x + FFN(Norm(x)).
 
 The FFN is any module class taking (d_ff, activation, dtype, param_dtype): the dense FFN by
-default, and the adaptive FFNs of the other methods plug in through the same slot.
+default, and the adaptive FFNs of the other methods plug in through the same slot. The attention
+is any module class taking (num_heads, head_dim, rope_base, rope_fraction, dtype, param_dtype)
+and called as attn(x, positions, decode=...): MultiHeadAttention by default (TokenFormer and
+routed attention units plug in there). `norm` names the normalisation (layers.normalization).
 """
 from typing import Any
 
@@ -11,7 +14,7 @@ from jax.typing import DTypeLike
 
 from layers.attention import MultiHeadAttention
 from layers.mlp import DenseFFN
-from layers.normalization import RMSNorm
+from layers.normalization import make_norm
 
 
 class DecoderBlock(nn.Module):
@@ -22,6 +25,8 @@ class DecoderBlock(nn.Module):
   rope_base: float = 10000.0
   rope_fraction: float = 1.0
   ffn_cls: Any = DenseFFN
+  attention_cls: Any = MultiHeadAttention
+  norm: str = "rms"
   decode: bool = False
   dtype: DTypeLike = jnp.float32
   param_dtype: DTypeLike = jnp.float32
@@ -34,13 +39,13 @@ class DecoderBlock(nn.Module):
     `routes` keyword; None lets the FFN decide)."""
     x_in = x
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    y = RMSNorm(name="attn_norm", **kw)(x)
-    y = MultiHeadAttention(self.num_heads, self.head_dim, rope_base=self.rope_base,
+    y = make_norm(self.norm, name="attn_norm", **kw)(x)
+    y = self.attention_cls(self.num_heads, self.head_dim, rope_base=self.rope_base,
                            rope_fraction=self.rope_fraction, name="attn", **kw)(
                                y, positions, decode=self.decode)
     x = x + y
     x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
-    y = RMSNorm(name="ffn_norm", **kw)(x)
+    y = make_norm(self.norm, name="ffn_norm", **kw)(x)
     ffn = self.ffn_cls(d_ff=self.d_ff, activation=self.activation, name="ffn", **kw)
     y = ffn(y) if routes is None else ffn(y, routes=routes)
     x = x + y

@@ -1,6 +1,6 @@
 """Decoder-only Transformer language model, the backbone every language method shares.
 
-ids -> Embed -> L x DecoderBlock (stacked with `nn.scan` or unrolled) -> RMSNorm -> logits
+ids -> Embed -> L x DecoderBlock (stacked with `nn.scan` or unrolled) -> norm -> logits
 (tied to the embedding or a separate projection). Float32 parameters; the compute dtype is
 `DecoderConfig.dtype` (bfloat16 on accelerators, as on TPU).
 """
@@ -11,10 +11,11 @@ import flax.linen as nn
 import gin
 import jax.numpy as jnp
 
+from layers.attention import MultiHeadAttention
 from layers.block import DecoderBlock
 from layers.embedding import Embed
 from layers.mlp import DenseFFN
-from layers.normalization import RMSNorm
+from layers.normalization import make_norm
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -47,6 +48,17 @@ class DecoderConfig:
   dtype: Any = "float32"
   param_dtype: Any = "float32"
   ffn_cls: Any = DenseFFN
+  attention_cls: Any = MultiHeadAttention
+  norm: str = "rms"  # or "layernorm" (non-parametric, TokenFormer)
+
+
+def block_kwargs(cfg: DecoderConfig, decode: bool = False) -> dict:
+  """DecoderBlock's attributes from the config (shared by DecoderLM and adacomp.decoding)."""
+  return dict(num_heads=cfg.num_heads, head_dim=cfg.head_dim, d_ff=cfg.d_ff,
+              activation=cfg.activation, rope_base=cfg.rope_base,
+              rope_fraction=cfg.rope_fraction, ffn_cls=cfg.ffn_cls,
+              attention_cls=cfg.attention_cls, norm=cfg.norm, decode=decode,
+              dtype=parse_dtype(cfg.dtype), param_dtype=parse_dtype(cfg.param_dtype))
 
 
 class DecoderLM(nn.Module):
@@ -73,10 +85,7 @@ class DecoderLM(nn.Module):
     x = embed(ids)
     x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
 
-    block_kw = dict(num_heads=cfg.num_heads, head_dim=cfg.head_dim, d_ff=cfg.d_ff,
-                    activation=cfg.activation, rope_base=cfg.rope_base,
-                    rope_fraction=cfg.rope_fraction, ffn_cls=cfg.ffn_cls, decode=self.decode,
-                    dtype=dtype, param_dtype=param_dtype)
+    block_kw = block_kwargs(cfg, self.decode)
     block_cls = nn.remat(DecoderBlock) if cfg.remat else DecoderBlock
     if cfg.scan_layers:
       x, _ = nn.scan(
@@ -93,7 +102,7 @@ class DecoderLM(nn.Module):
         route = None if routes is None else routes[i]
         x = block_cls(name=f"block_{i}", **block_kw)(x, positions, active, route)
 
-    x = RMSNorm(dtype=dtype, param_dtype=param_dtype, name="final_norm")(x)
+    x = make_norm(cfg.norm, dtype=dtype, param_dtype=param_dtype, name="final_norm")(x)
     if cfg.tied_embeddings:
       logits = embed.attend(x)
     else:

@@ -173,3 +173,30 @@ def test_two_processes_joined_by_jax_distributed_agree_on_the_loss(corpus, tmp_p
   finals = [next(l for l in out.splitlines() if l.startswith("Final validation")) for out in outputs]
   assert finals[0] == finals[1], finals
   assert "2 process(es)" in outputs[0]
+
+
+def test_trainable_expression_freezes_everything_else(corpus, tmp_path):
+  """Duo's router stage: only router parameters move; the budget loss alone drives them."""
+  common = ("DecoderConfig.ffn_cls = @duo_ffn()", "duo_ffn.mode = 'random'",
+            "train.eval_every = 0", "make_manager.save_every = 100")
+  _train(corpus, tmp_path / "base", "train.num_steps = 2", *common)
+  _, before = _params(tmp_path / "base")
+  _train(corpus, tmp_path / "router", "train.num_steps = 4", *common,
+         f"train.init_checkpoint = '{tmp_path / 'base'}'", "duo_ffn.mode = 'router'",
+         "make_optimizer.trainable = 'router'", "train.task_loss_weight = 0.0",
+         "duo_ffn.budget = (0.0, 0.0, 1.0)")
+  _, after = _params(tmp_path / "router")
+  flat_before = {"/".join(str(getattr(k, "key", k)) for k in path): v
+                 for path, v in jax.tree_util.tree_leaves_with_path(before)}
+  flat_after = {"/".join(str(getattr(k, "key", k)) for k in path): v
+                for path, v in jax.tree_util.tree_leaves_with_path(after)}
+  assert flat_before.keys() == flat_after.keys()
+  moved = {k for k in flat_before if not np.array_equal(flat_before[k], flat_after[k])}
+  assert moved and all("router" in k for k in moved), moved
+  assert any("router" in k for k in moved)
+
+
+def test_trainable_expression_that_matches_nothing_is_refused():
+  with pytest.raises(ValueError, match="matches no parameter"):
+    tx = training.make_optimizer(10, trainable="no_such_param")
+    tx.init({"wi": np.zeros(3)})
