@@ -186,6 +186,52 @@ def restore_params(checkpoint_dir: str, abstract_params, step: Optional[int] = N
         params=ocp.args.StandardRestore(abstract_params)))["params"]
 
 
+def init_params_from(checkpoint_dir: str, fresh_params, step: Optional[int] = None):
+  """Fresh params overwritten by every same-named parameter of another run's checkpoint.
+
+  Starts a method from a checkpoint of a smaller parameter tree (a Duo model from a dense one:
+  the big FFN's `wi`/`wo` come from the checkpoint, the small FFN and router keep their fresh
+  init). Returns (params, new paths kept at init, checkpoint paths the model has no use for).
+  A parameter present in both with different shapes raises CheckpointError.
+  """
+  root = checkpoint_root(checkpoint_dir)
+  with _read_only_manager(root) as manager:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f"No complete checkpoint under {root}: nothing to initialise from "
+                            f"(train.init_checkpoint).")
+    saved = manager.item_metadata(step)["params"]
+    if saved is None:
+      raise CheckpointError(f"Checkpoint step {step} in {root} has no readable params.")
+    saved = getattr(saved, "tree", saved)
+    saved_shapes = {jax.tree_util.keystr(p): tuple(m.shape) for p, m in
+                    jax.tree_util.tree_flatten_with_path(saved)[0]}
+    fresh_flat, treedef = jax.tree_util.tree_flatten_with_path(fresh_params)
+    wanted = {jax.tree_util.keystr(p): a for p, a in fresh_flat}
+    clashes = [f"{k}: checkpoint {saved_shapes[k]} vs config {tuple(wanted[k].shape)}"
+               for k in wanted if k in saved_shapes and saved_shapes[k] != tuple(wanted[k].shape)]
+    if clashes:
+      raise CheckpointError(
+          f"train.init_checkpoint={checkpoint_dir} has parameters of other shapes than the model "
+          f"built from the gin config:\n  " + "\n  ".join(clashes[:10]) +
+          "\nUse the sizes the checkpoint was trained with (its config.gin).")
+    restored = manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore()))["params"]
+  loaded = {jax.tree_util.keystr(p): v for p, v in
+            jax.tree_util.tree_flatten_with_path(restored)[0]}
+  leaves, new = [], []
+  for path, fresh in fresh_flat:
+    key = jax.tree_util.keystr(path)
+    if key in loaded:
+      value = np.asarray(loaded[key]).astype(fresh.dtype)
+      leaves.append(jax.device_put(value, getattr(fresh, "sharding", None)))
+    else:
+      new.append(key)
+      leaves.append(fresh)
+  unused = sorted(set(loaded) - set(wanted))
+  return jax.tree_util.tree_unflatten(treedef, leaves), new, unused
+
+
 def tree_digest(tree) -> str:
   """A short fingerprint of a pytree's values, for logs and resume checks."""
   leaves = [np.asarray(jax.device_get(x)) for x in jax.tree.leaves(tree)]
@@ -196,4 +242,4 @@ def tree_digest(tree) -> str:
 
 
 __all__ = ["CheckpointError", "checkpoint_root", "ensure_writable", "make_manager", "save",
-           "restore", "restore_params", "read_meta", "check_compatible", "tree_digest"]
+           "restore", "restore_params", "init_params_from", "read_meta", "check_compatible", "tree_digest"]

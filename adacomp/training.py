@@ -265,7 +265,8 @@ def train(workdir: str, *, num_steps: int = gin.REQUIRED, batch_size: int = 16,
   """Trains the gin-configured model in `workdir`; returns the final evaluation summary.
 
   `init_checkpoint` (a workdir or its checkpoints/ folder) starts a new run from another run's
-  params with a fresh optimizer (fine-tuning); a run that already has checkpoints of its own
+  params with a fresh optimizer (fine-tuning); parameters the checkpoint lacks (a Duo model's
+  small FFN and router when starting from a dense run) keep their fresh init; a run that already has checkpoints of its own
   resumes from them instead. `task_loss_weight` scales the cross-entropy (0 trains on the sown
   losses alone, e.g. distillation stages); `make_optimizer.trainable` freezes parameters.
   """
@@ -300,9 +301,13 @@ def train(workdir: str, *, num_steps: int = gin.REQUIRED, batch_size: int = 16,
       start_step = latest
       print(f"Resuming from checkpoint step {latest} in {manager.directory}", flush=True)
     elif init_checkpoint:
-      params = checkpointing.restore_params(init_checkpoint, abstract.params)
+      params, new, unused = checkpointing.init_params_from(init_checkpoint, state.params)
       state = state.replace(params=params)
-      print(f"Initialised params from {init_checkpoint}", flush=True)
+      print(f"Initialised params from {init_checkpoint}" +
+            (f"; {len(new)} new parameter(s) keep their init: {', '.join(new[:6])}"
+             f"{' ...' if len(new) > 6 else ''}" if new else "") +
+            (f"; {len(unused)} checkpoint parameter(s) unused: {', '.join(unused[:6])}"
+             f"{' ...' if len(unused) > 6 else ''}" if unused else ""), flush=True)
     if latest is None:
       print(f"Model: {count_params(state.params):,} parameters; mesh "
             f"{dict(mesh.shape)}; {jax.device_count()} device(s), "

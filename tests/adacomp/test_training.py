@@ -200,3 +200,25 @@ def test_trainable_expression_that_matches_nothing_is_refused():
   with pytest.raises(ValueError, match="matches no parameter"):
     tx = training.make_optimizer(10, trainable="no_such_param")
     tx.init({"wi": np.zeros(3)})
+
+
+def test_duo_run_starts_from_a_dense_checkpoint(corpus, tmp_path, capsys):
+  """init_checkpoint from a smaller tree: shared params are copied, new ones keep their init."""
+  _train(corpus, tmp_path / "dense", "train.num_steps = 2", "train.eval_every = 0")
+  _, dense = _params(tmp_path / "dense")
+  _train(corpus, tmp_path / "duo", "train.num_steps = 2", "train.eval_every = 0",
+         "DecoderConfig.ffn_cls = @duo_ffn()", "duo_ffn.mode = 'big'",
+         "make_optimizer.trainable = 'router'", f"train.init_checkpoint = '{tmp_path / 'dense'}'")
+  assert "new parameter(s) keep their init" in capsys.readouterr().out
+  _, duo = _params(tmp_path / "duo")
+  assert set(duo["blocks"]["ffn"]) == {"wi", "wo", "wi_small", "wo_small", "router"}
+  # Only the router trains, so the big FFN and the attention are still the dense run's.
+  np.testing.assert_array_equal(duo["blocks"]["ffn"]["wi"], dense["blocks"]["ffn"]["wi"])
+  np.testing.assert_array_equal(duo["blocks"]["attn"]["query"], dense["blocks"]["attn"]["query"])
+
+
+def test_init_checkpoint_with_other_sizes_names_the_parameters(corpus, tmp_path):
+  _train(corpus, tmp_path / "dense", "train.num_steps = 2", "train.eval_every = 0")
+  with pytest.raises(checkpointing.CheckpointError, match=r"(?s)other shapes.*wi"):
+    _train(corpus, tmp_path / "wide", "train.num_steps = 2", "DecoderConfig.d_ff = 96",
+           f"train.init_checkpoint = '{tmp_path / 'dense'}'")
