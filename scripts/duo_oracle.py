@@ -1,0 +1,51 @@
+r"""Duo-LLM oracle routing analysis of a checkpoint, with trained routers for comparison.
+
+  python scripts/duo_oracle.py --checkpoint_dir=/tmp/adacomp/duo \
+      --router_dir=/tmp/adacomp/duo_router --output_dir=/tmp/adacomp/duo_oracle
+
+Searches every routing pattern (skip / small / big per layer) on held-out tokens and writes
+analysis.json plus loss_vs_compute.png, big_by_layer.png and difficulty.png into --output_dir;
+prints the headline table (all big vs oracle with --headline_big big layers vs the routers).
+The logic lives in adacomp/analysis/duo_analysis.py.
+"""
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+
+flags.DEFINE_string("checkpoint_dir", None, "A Duo run trained with random routes.")
+flags.DEFINE_multi_string("router_dir", [], "Router-stage runs to compare (repeatable).")
+flags.DEFINE_string("output_dir", None, "Where the JSON and PNGs go (default: "
+                    "<checkpoint_dir>/oracle).")
+flags.DEFINE_string("split", "validation", "Held-out split.")
+flags.DEFINE_integer("num_batches", 4, "Evaluation batches of held-out tokens.")
+flags.DEFINE_integer("batch_size", None, "Default: the run's batch size.")
+flags.DEFINE_integer("seq_len", None, "Default: the run's sequence length.")
+flags.DEFINE_integer("headline_big", 1, "BIG-layer budget of the headline comparison.")
+flags.DEFINE_integer("chunk", 9, "Patterns per vmapped forward pass.")
+flags.DEFINE_multi_string("gin_bindings", [], "Bindings applied over the saved configs.")
+flags.mark_flag_as_required("checkpoint_dir")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax and tfds are chatty at INFO
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  import os  # pylint: disable=g-import-not-at-top
+  from adacomp.analysis import duo_analysis  # pylint: disable=g-import-not-at-top
+  output_dir = FLAGS.output_dir or os.path.join(FLAGS.checkpoint_dir, "oracle")
+  try:
+    duo_analysis.run_analysis(
+        FLAGS.checkpoint_dir, output_dir, router_dirs=FLAGS.router_dir, split=FLAGS.split,
+        num_batches=FLAGS.num_batches, batch_size=FLAGS.batch_size, seq_len=FLAGS.seq_len,
+        headline_big=FLAGS.headline_big, chunk=FLAGS.chunk, bindings=FLAGS.gin_bindings)
+  except (ValueError, PermissionError) as e:
+    print(f"\nERROR: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(main)
