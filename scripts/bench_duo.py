@@ -1,0 +1,152 @@
+r"""Duo-LLM routed inference: time at several skip/small/big mixes against the FLOP-ratio ideal.
+
+  python scripts/bench_duo.py                      # tiny model size, then a wider FFN
+  python scripts/bench_duo.py --quick              # fewer repeats
+  python scripts/bench_duo.py --json=/tmp/adacomp/bench_duo.json
+
+For each mix (p_skip, p_small, p_big) it draws per-token, per-layer routes, and times, in one
+process and interleaved round-robin (every variant once per round, --rounds rounds, medians), so
+that load on the machine affects every variant alike:
+
+  layer   one FFN layer on b*t tokens: DuoFFN(compute="gather") with capacities equal to the
+          mix, against the dense FFN of the big width (all-big);
+  model   the whole decoder forward pass (logits) with Duo gather FFNs in every layer, against
+          the dense decoder of the same size.
+
+Columns: t/all-big is the measured time over the all-big time; ideal is the MAC ratio
+(routed MACs / all-big MACs, from the layers' own sown `macs`, so attention and logits count in
+the model rows). Routes are imposed, so the router is not part of the measurement.
+"""
+import argparse
+import functools
+import json
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adacomp.models.decoder import DecoderConfig, DecoderLM
+from adacomp.training import macs_per_token
+from layers.duo import BIG, SKIP, SMALL, DuoFFN
+from layers.mlp import DenseFFN
+
+MIXES = [(0.0, 0.0, 1.0), (0.0, 0.5, 0.5), (0.2, 0.3, 0.5), (0.0, 0.75, 0.25),
+         (0.25, 0.5, 0.25), (0.5, 0.25, 0.25), (0.0, 1.0, 0.0), (0.5, 0.5, 0.0)]
+
+
+def draw_routes(key, shape, mix):
+  """Routes with exactly round(p * n) tokens per route in each layer, shuffled."""
+  *lead, b, t = shape
+  n = b * t
+  counts = np.round(np.asarray(mix) * n).astype(int)
+  counts[BIG] = n - counts[SKIP] - counts[SMALL]
+  base = np.concatenate([np.full(c, r, np.int32) for r, c in
+                         zip((SKIP, SMALL, BIG), counts)])
+  rng = np.random.default_rng(int(jax.random.randint(key, (), 0, 2 ** 31 - 1)))
+  rows = [rng.permutation(base) for _ in range(int(np.prod(lead)) if lead else 1)]
+  return jnp.asarray(np.stack(rows).reshape(shape))
+
+
+def timed_round_robin(fns: dict, args: dict, rounds: int, warmup: int = 2) -> dict:
+  """Median ms per call of each fn(*args[name]), interleaved across names."""
+  for name, fn in fns.items():
+    for _ in range(warmup):
+      jax.block_until_ready(fn(*args[name]))
+  times = {name: [] for name in fns}
+  for _ in range(rounds):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*args[name]))
+      times[name].append(1000 * (time.perf_counter() - start))
+  return {name: statistics.median(v) for name, v in times.items()}
+
+
+def layer_rows(d_model, d_ff, batch, seq, rounds, key):
+  x = jax.random.normal(key, (batch, seq, d_model), jnp.float32)
+  dense = DenseFFN(d_ff=d_ff)
+  dense_params = dense.init(key, x)
+  fns = {"all-big": jax.jit(lambda p, x: dense.apply(p, x))}
+  args = {"all-big": (dense_params, x)}
+  macs = {"all-big": float(2 * d_model * d_ff)}
+  for mix in MIXES:
+    name = "/".join(f"{p:g}" for p in mix)
+    duo = DuoFFN(d_ff=d_ff, compute="gather", capacity=(mix[SMALL], mix[BIG]))
+    params = duo.init(key, x)
+    # The big FFN shares the dense layer's weights (not needed for timing, but honest).
+    routes = draw_routes(jax.random.fold_in(key, len(fns)), (batch, seq), mix)
+
+    def run(p, x, r, duo=duo):
+      y, inter = duo.apply(p, x, routes=r, mutable=["intermediates"])
+      return y, inter["intermediates"]["macs"][0]
+
+    fns[name], args[name] = jax.jit(run), (params, x, routes)
+    macs[name] = float(jnp.mean(fns[name](*args[name])[1]))
+  ms = timed_round_robin(fns, args, rounds)
+  return [{"bench": "layer", "size": f"d={d_model} d_ff={d_ff} tokens={batch * seq}",
+           "mix": name, "ms": ms[name], "t_rel": ms[name] / ms["all-big"],
+           "ideal": macs[name] / macs["all-big"]} for name in fns]
+
+
+def model_rows(cfg: DecoderConfig, batch, seq, rounds, key):
+  ids = jax.random.randint(key, (batch, seq), 0, cfg.vocab_size)
+  dense = DecoderLM(cfg)
+  dense_params = dense.init(key, ids)
+
+  def forward(model, p, ids, routes=None):
+    logits, inter = model.apply(p, ids, routes=routes, mutable=["intermediates"])
+    return logits, jnp.mean(macs_per_token(inter["intermediates"], ids.shape))
+
+  fns = {"all-big": jax.jit(functools.partial(forward, dense))}
+  args = {"all-big": (dense_params, ids)}
+  for mix in MIXES:
+    name = "/".join(f"{p:g}" for p in mix)
+    ffn = functools.partial(DuoFFN, compute="gather", capacity=(mix[SMALL], mix[BIG]))
+    model = DecoderLM(DecoderConfig(**{**cfg.__dict__, "ffn_cls": ffn}))
+    params = model.init(key, ids)
+    routes = draw_routes(jax.random.fold_in(key, len(fns)), (cfg.num_layers, batch, seq), mix)
+    fns[name], args[name] = jax.jit(functools.partial(forward, model)), (params, ids, routes)
+  macs = {name: float(fns[name](*args[name])[1]) for name in fns}
+  ms = timed_round_robin(fns, args, rounds)
+  size = (f"{cfg.num_layers} layers d={cfg.d_model} d_ff={cfg.d_ff} tokens={batch * seq}")
+  return [{"bench": "model", "size": size, "mix": name, "ms": ms[name],
+           "t_rel": ms[name] / ms["all-big"], "ideal": macs[name] / macs["all-big"]}
+          for name in fns]
+
+
+def print_table(rows):
+  print("| bench | size | mix skip/small/big | ms | t / all-big | ideal (MACs) |")
+  print("|---|---|---|---:|---:|---:|")
+  for r in rows:
+    print(f"| {r['bench']} | {r['size']} | {r['mix']} | {r['ms']:.2f} | {r['t_rel']:.2f} | "
+          f"{r['ideal']:.2f} |")
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--quick", action="store_true", help="fewer rounds")
+  parser.add_argument("--rounds", type=int, default=30)
+  parser.add_argument("--batch", type=int, default=16)
+  parser.add_argument("--seq", type=int, default=256)
+  parser.add_argument("--json", default=None)
+  a = parser.parse_args(argv)
+  rounds = 5 if a.quick else a.rounds
+  key = jax.random.key(0)
+  print(f"Duo routed inference on {jax.devices()[0].device_kind} ({jax.device_count()} device), "
+        f"{rounds} interleaved rounds, medians", file=sys.stderr, flush=True)
+  rows = []
+  rows += layer_rows(128, 512, a.batch, a.seq, rounds, key)     # configs/sizes/tiny.gin
+  rows += layer_rows(512, 2048, a.batch, a.seq, rounds, key)    # a wider FFN
+  tiny = DecoderConfig(vocab_size=256, num_layers=4, d_model=128, num_heads=4, head_dim=32,
+                       d_ff=512, max_len=a.seq)
+  rows += model_rows(tiny, a.batch, a.seq, rounds, key)
+  print_table(rows)
+  if a.json:
+    with open(a.json, "w") as f:
+      json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()
