@@ -1,0 +1,83 @@
+"""The Pareto evaluator: compute figures against formulas, monotone in each budget knob."""
+import json
+
+import gin
+import numpy as np
+import pytest
+
+from adacomp import training
+from adacomp.analysis import pareto
+from tests.adacomp.conftest import configure
+
+# tests/testdata/tiny_train.gin: 2 layers, d_model 32, 2 heads x 16, d_ff 64, seq_len 32.
+L, D, INNER, F, T = 2, 32, 32, 64, 32
+
+
+def _train(corpus, workdir, *bindings):
+  gin.clear_config()
+  configure(corpus, *bindings)
+  return training.train(str(workdir))
+
+
+def _model_macs(width, vocab, layers=L):
+  """Per-token MACs of the tiny decoder, averaged over positions 0..T-1 (formula, not sown)."""
+  attention = 4 * D * INNER + 2 * INNER * (T + 1) / 2
+  return layers * (attention + 2 * D * width) + D * vocab
+
+
+@pytest.fixture(scope="module", name="result")
+def _result(corpus, tmp_path_factory):
+  root = tmp_path_factory.mktemp("pareto")
+  quiet = ("train.eval_every = 0", "make_manager.save_every = 100", "train.num_steps = 2")
+  _train(corpus, root / "dense", *quiet)
+  _train(corpus, root / "duo", *quiet, "DecoderConfig.ffn_cls = @duo_ffn()")
+  skip = ("layer_mask_for_training.schedule = @schedule_for_speedup",
+          "schedule_for_speedup.warmup_len = 8", "layer_mask_for_training.warmup_layers = 1")
+  entries = [
+      pareto.parse_entry(f"dense={root / 'dense'}"),
+      pareto.parse_entry(f"duo big={root / 'duo'};duo_ffn.mode='big'"),
+      pareto.parse_entry(f"duo small={root / 'duo'};duo_ffn.mode='small'"),
+      pareto.parse_entry(f"duo p0.5={root / 'duo'};duo_ffn.mode='random';"
+                         f"duo_ffn.mix=(0.0, 0.5, 0.5)"),
+      pareto.parse_entry(f"skip 1.5x={root / 'dense'};" + ";".join(skip) +
+                         ";schedule_for_speedup.speedup=1.5;ref=dense"),
+      pareto.parse_entry(f"skip 2x={root / 'dense'};" + ";".join(skip) +
+                         ";schedule_for_speedup.speedup=2.0;ref=dense"),
+  ]
+  result = pareto.run_pareto(entries, str(root / "out"), eval_batches=2, rounds=1,
+                             batch_size=2, prompt_len=8, verbose=False)
+  return root, {r["label"]: r for r in result["rows"]}
+
+
+def test_dense_is_one_and_all_small_duo_is_the_flop_ratio(result):
+  root, rows = result
+  vocab = json.load(open(root / "out" / "evals" / "dense.json"))["macs_per_token"]
+  vocab = (vocab - _model_macs(F, 0)) / D  # the LM head's share gives the vocabulary size
+  assert vocab == pytest.approx(round(vocab), abs=1e-3)
+  assert rows["dense"]["compute"] == 1.0
+  assert rows["duo big"]["compute"] == pytest.approx(1.0)
+  ratio = _model_macs(F // 4, round(vocab)) / _model_macs(F, round(vocab))
+  assert rows["duo small"]["compute"] == pytest.approx(ratio, rel=1e-6)
+
+
+def test_compute_is_monotone_in_each_budget_knob(result):
+  _, rows = result
+  duo = [rows[k]["compute"] for k in ("duo small", "duo p0.5", "duo big")]  # p_big 0, 0.5, 1
+  assert duo[0] < duo[1] < duo[2]
+  skip = [rows[k]["compute"] for k in ("dense", "skip 1.5x", "skip 2x")]
+  assert skip[0] > skip[1] > skip[2]
+
+
+def test_skipdecode_entries_are_timed_generating_and_the_rest_forward(result):
+  root, rows = result
+  assert rows["skip 2x"]["timing"] == "generate" and rows["dense"]["timing"] == "forward"
+  assert rows["skip 2x"]["reference"] == "dense"
+  assert all(r["time"] > 0 for r in rows.values())
+  assert (root / "out" / "pareto.png").stat().st_size > 5000
+
+
+def test_entry_syntax_errors_name_the_fix():
+  with pytest.raises(ValueError, match="label=CHECKPOINT_DIR"):
+    pareto.parse_entry("/tmp/no_label")
+  entry = pareto.parse_entry("a=/x;duo_ffn.mode='small';ref=b")
+  assert (entry.bindings, entry.ref) == (("duo_ffn.mode='small'",), "b")
