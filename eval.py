@@ -4,7 +4,9 @@ r"""Evaluates a checkpoint with the gin config it was trained with.
   python eval.py --checkpoint_dir=/tmp/dense --gin_bindings="evaluate_checkpoint.split='test'" \
       --gin_bindings='evaluate_checkpoint.eval_batches=None'
 
-Prints loss, perplexity, bits per byte and token accuracy and writes them to a JSON report
+Prints loss, perplexity, bits per byte, token accuracy and MACs/token (image classifiers: loss,
+top-1, compute fraction of the dense model, kept tokens per stage, images/s) and writes them to a
+JSON report
 (`<workdir>/eval_<split>_step<N>.json` unless evaluate_checkpoint.output says otherwise).
 """
 import sys
@@ -37,11 +39,8 @@ def main(argv):
   except (ValueError, PermissionError) as e:
     print(f"\nERROR: {e}", file=sys.stderr, flush=True)
     sys.exit(1)
-  print(f"\nStep {report['step']} on {report['split']}: loss {report['loss']:.4f} | "
-        f"perplexity {report['perplexity']:.3f} | bits/byte {report['bits_per_byte']:.4f} | "
-        f"token accuracy {report['token_accuracy']:.4f} | "
-        f"{report['macs_per_token'] / 1e6:.3f} MMACs/token | {int(report['num_tokens']):,} "
-        f"tokens\nReport: {report['output']}", flush=True)
+  print(f"\nStep {report['step']} on {report['split']}: {report['summary_line']}\n"
+        f"Report: {report['output']}", flush=True)
 
 
 if __name__ == "__main__":

@@ -39,9 +39,13 @@ def main(argv):
   except (ValueError, PermissionError, FloatingPointError) as e:
     print(f"\nERROR: {e}", file=sys.stderr, flush=True)
     sys.exit(1)
-  print(f"\nFinal validation: loss {summary['loss']:.4f} | bits/byte "
-        f"{summary['bits_per_byte']:.4f} | perplexity {summary['perplexity']:.3f} | "
-        f"token accuracy {summary['token_accuracy']:.4f}", flush=True)
+  if "bits_per_byte" in summary:
+    print(f"\nFinal validation: loss {summary['loss']:.4f} | bits/byte "
+          f"{summary['bits_per_byte']:.4f} | perplexity {summary['perplexity']:.3f} | "
+          f"token accuracy {summary['token_accuracy']:.4f}", flush=True)
+  else:
+    print(f"\nFinal validation: loss {summary['loss']:.4f} | top-1 {summary['accuracy']:.4f} | "
+          f"compute fraction {summary['compute_fraction']:.3f}", flush=True)
 
 
 if __name__ == "__main__":

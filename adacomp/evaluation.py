@@ -1,4 +1,4 @@
-"""Language-model evaluation shared by training's periodic eval and `eval.py`.
+"""Evaluation shared by training's periodic eval and `eval.py` (language models, classifiers).
 
 Sums are accumulated per batch on device and in float64 on the host, so the same params and the
 same split give the same numbers whichever entry point asks.
@@ -28,6 +28,31 @@ def token_sums(logits, batch):
   }
 
 
+def classification_sums(logits, batch):
+  """Weighted sums over a batch of images: nats, weights (images) and correct top-1."""
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
+                                                           batch["targets"])
+  w = batch["weights"].astype(jnp.float32)
+  correct = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
+  return {"nats": jnp.sum(losses * w), "weights": jnp.sum(w), "correct": jnp.sum(correct * w)}
+
+
+def summarize_classification(sums: dict, dense_macs_per_image=None) -> dict:
+  """Loss, top-1 accuracy, MACs per image, compute fraction of the dense model (when its MACs
+  are given) and the mean kept token fraction of each pruning stage."""
+  images = max(sums["weights"], 1.0)
+  summary = {"loss": sums["nats"] / images, "accuracy": sums["correct"] / images,
+             "num_images": sums["weights"]}
+  if "macs" in sums:
+    summary["macs_per_image"] = sums["macs"] / images
+    if dense_macs_per_image:
+      summary["compute_fraction"] = summary["macs_per_image"] / dense_macs_per_image
+  for key in sums:
+    if key.startswith("kept_stage"):
+      summary[key] = sums[key] / images
+  return summary
+
+
 def summarize(sums: dict) -> dict:
   """Loss, perplexity, bits per byte and token accuracy from accumulated sums."""
   weights = max(sums["weights"], 1.0)
@@ -45,7 +70,8 @@ def summarize(sums: dict) -> dict:
 
 
 def evaluate(eval_step: Callable, params, batches: Iterable[dict], to_device: Callable,
-             progress: Callable[[int], None] = lambda i: None) -> dict:
+             progress: Callable[[int], None] = lambda i: None,
+             summarize_fn: Callable[[dict], dict] = summarize) -> dict:
   """Runs `eval_step(params, batch) -> sums` over `batches` and summarises."""
   totals = None
   for i, batch in enumerate(batches):
@@ -55,4 +81,4 @@ def evaluate(eval_step: Callable, params, batches: Iterable[dict], to_device: Ca
     progress(i + 1)
   if totals is None:
     raise ValueError("The evaluation split yielded no batches; check the dataset and split.")
-  return summarize(totals)
+  return summarize_fn(totals)

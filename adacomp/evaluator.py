@@ -9,12 +9,10 @@ import flax.linen as nn
 from etils import epath
 
 from adacomp import checkpointing
-from adacomp import evaluation
 from adacomp import kernels
 from adacomp import sharding
-from adacomp import skip_schedule
-from adacomp import data as data_lib
-from adacomp.training import build_decoder, make_eval_step
+from adacomp import tasks
+from adacomp.training import make_eval_step
 
 
 def _progress(total: Optional[int]):
@@ -33,34 +31,35 @@ def evaluate_checkpoint(checkpoint_dir: str, meta: dict, step: int, *,
                         split: str = "validation", batch_size: Optional[int] = None,
                         seq_len: Optional[int] = None, eval_batches: Optional[int] = -1,
                         output: Optional[str] = None) -> dict:
-  """Loss, perplexity, bits per byte, token accuracy and MACs/token of a checkpoint on a split.
+  """Loss, perplexity, bits per byte, token accuracy and MACs/token of a language model (top-1,
+  compute fraction and images/s of an image classifier) on a split.
 
   Defaults repeat the training run's own evaluation (its batch size, sequence length and
   number of batches), so the figure matches the validation loss training reported.
-  `eval_batches=None` evaluates the whole split.
+  `eval_batches=None` evaluates the whole split. The task is the run's `train.task`.
   """
   kernels.configure_kernels()
+  task_name = meta.get("task", "lm")
   batch_size = batch_size or meta["batch_size"]
-  seq_len = seq_len or meta["seq_len"]
+  seq_len = seq_len or meta.get("seq_len")
   eval_batches = meta.get("eval_batches") if eval_batches == -1 else eval_batches
   mesh = sharding.make_mesh()
   rules = sharding.logical_axis_rules()
-  data = data_lib.lm_dataset(split, batch_size=batch_size, seq_len=seq_len, train=False,
-                    eval_max_batches=eval_batches)
-  model = build_decoder(data.tokenizer.vocab_size)
+  task = tasks.make_task(task_name, seq_len=seq_len)
+  data = task.dataset(split, batch_size=batch_size, train=False, eval_max_batches=eval_batches)
+  model = task.build_model(data)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0),
-                                              jax.numpy.zeros((1, seq_len), "int32")))["params"]
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), task.init_inputs(1)))["params"]
     shardings = sharding.logical_shardings(boxed, mesh, rules)
     abstract = sharding.abstract_with_shardings(boxed, shardings)
     params = checkpointing.restore_params(checkpoint_dir, abstract, step=step)
-    layer_mask = skip_schedule.layer_mask_for_training(seq_len, model.config.num_layers)
-    summary = evaluation.evaluate(jax.jit(make_eval_step(model, layer_mask)), params, data,
-                                  lambda b: sharding.global_batch(b, mesh),
-                                  progress=_progress(eval_batches))
+    summary = task.evaluate(jax.jit(make_eval_step(model, task=task)), params, data,
+                            lambda b: sharding.global_batch(b, mesh),
+                            progress=_progress(eval_batches))
   report = {"checkpoint_dir": str(checkpoint_dir), "step": step, "split": split,
-            "batch_size": batch_size, "seq_len": seq_len, "eval_batches": eval_batches,
-            **summary}
+            "batch_size": batch_size, **({"seq_len": seq_len} if task_name == "lm" else {}),
+            "eval_batches": eval_batches, "task": task_name, **summary}
+  report["summary_line"] = task.describe(summary)
   if output is None:
     output = str(checkpointing.checkpoint_root(checkpoint_dir).parent /
                  f"eval_{split}_step{step}.json")

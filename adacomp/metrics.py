@@ -53,7 +53,8 @@ class MetricWriter:
     bar = "#" * int(20 * frac) + "." * (20 - int(20 * frac))
     parts = [f"[{bar}] step {step}/{self.total_steps}"]
     for key, fmt in (("loss", "{:.4f}"), ("bits_per_byte", "bpb {:.3f}"),
-                     ("tokens_per_s", "{:,.0f} tok/s"), ("step_ms", "{:.1f} ms/step"),
+                     ("accuracy", "acc {:.3f}"), ("tokens_per_s", "{:,.0f} tok/s"),
+                     ("images_per_s", "{:,.0f} img/s"), ("step_ms", "{:.1f} ms/step"),
                      ("mfu", "MFU {:.1%}")):
       if key in scalars and scalars[key] is not None:
         parts.append(("loss {:.4f}" if key == "loss" else fmt).format(scalars[key]))

@@ -7,6 +7,10 @@ data stream and ends on the same parameters as an uninterrupted one.
 
 The step's loss is the task's cross-entropy plus every scalar a layer sows into the `losses`
 collection (router, budget and distillation terms of the adaptive methods).
+
+`train.task` picks what is trained: 'lm' (next-token prediction, the default) or
+'image_classification' (ViT); the per-task pieces (data, model, batch sums, summaries) live in
+`adacomp.tasks`, the loop itself is shared.
 """
 import dataclasses
 import math
@@ -25,12 +29,10 @@ from absl import logging
 from etils import epath
 
 from adacomp import checkpointing
-from adacomp import evaluation
 from adacomp import kernels
 from adacomp import metrics as metrics_lib
 from adacomp import sharding
-from adacomp import skip_schedule
-from adacomp import data as data_lib
+from adacomp import tasks
 from adacomp.models.decoder import DecoderConfig, DecoderLM
 
 RNG_STREAMS = ("dropout", "routing")
@@ -155,10 +157,12 @@ def macs_per_token(intermediates, shape, layer_mask=None) -> jax.Array:
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, seed: int,
                     layer_mask: Optional[np.ndarray] = None, task_loss_weight: float = 1.0,
-                    grad_mask=None):
+                    grad_mask=None, task=None):
   """One optimizer step. The objective is task_loss_weight * cross-entropy + sown losses;
-  `grad_mask` (bool tree, trainable parameters) restricts the reported gradient norm."""
+  `grad_mask` (bool tree, trainable parameters) restricts the reported gradient norm.
+  `task` (adacomp.tasks) defaults to language modelling with `layer_mask`."""
   base_key = jax.random.key(seed)
+  task = tasks.LanguageModeling(layer_mask=layer_mask) if task is None else task
 
   def train_step(state: TrainState, batch):
     step_key = jax.random.fold_in(base_key, state.step)
@@ -166,8 +170,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, seed: in
 
     def loss_fn(params):
       logits, mutables = model.apply({"params": params}, batch["inputs"], rngs=rngs,
-                                     layer_mask=layer_mask, mutable=["losses"])
-      sums = evaluation.token_sums(logits, batch)
+                                     mutable=["losses"], **task.apply_kwargs(train=True))
+      sums = task.batch_sums(logits, batch)
       ce = sums["nats"] / jnp.maximum(sums["weights"], 1.0)
       aux = sum_sown(mutables.get("losses", {}))
       return task_loss_weight * ce + aux, (sums, ce, aux)
@@ -179,8 +183,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, seed: in
     shown = grads if grad_mask is None else jax.tree.map(
         lambda g, m: g if m else jnp.zeros((), g.dtype), grads, grad_mask)
     metrics = {"loss": ce, "aux_loss": aux, "grad_norm": optax.tree.norm(shown),
-               "bits_per_byte": sums["nats"] / evaluation.LN2 / jnp.maximum(sums["bytes"], 1.0),
-               "tokens": sums["weights"],
+               **task.step_metrics(sums),
                # Checked before every save: a finite loss computed from the old params does not
                # make the updated params finite.
                "params_finite": jnp.all(jnp.stack(
@@ -191,26 +194,30 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, seed: in
   return train_step
 
 
-def make_eval_step(model: nn.Module, layer_mask: Optional[np.ndarray] = None):
+def make_eval_step(model: nn.Module, layer_mask: Optional[np.ndarray] = None, task=None):
+  """Sums one evaluation batch contributes (`task` defaults to language modelling)."""
+  task = tasks.LanguageModeling(layer_mask=layer_mask) if task is None else task
 
   def eval_step(params, batch):
-    logits, mutables = model.apply({"params": params}, batch["inputs"], layer_mask=layer_mask,
-                                   mutable=["intermediates"])
-    sums = evaluation.token_sums(logits, batch)
-    macs = macs_per_token(mutables.get("intermediates", {}), batch["inputs"].shape, layer_mask)
-    sums["macs"] = jnp.sum(macs * batch["weights"])
+    logits, mutables = model.apply({"params": params}, batch["inputs"],
+                                   mutable=["intermediates"], **task.apply_kwargs(train=False))
+    sums = task.batch_sums(logits, batch)
+    sums.update(task.compute_sums(mutables.get("intermediates", {}), batch))
     return sums
 
   return eval_step
 
 
-def init_train_state(model: nn.Module, tx, seq_len: int, seed: int, mesh, rules):
-  """Sharded train state initialised under jit, and its (unboxed) abstract shape."""
+def init_train_state(model: nn.Module, tx, seq_len: int, seed: int, mesh, rules, task=None):
+  """Sharded train state initialised under jit, and its (unboxed) abstract shape. The dummy
+  input is `task.init_inputs` (token ids of length seq_len when no task is given)."""
 
   batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  inputs = (jnp.zeros((batch_shards, seq_len), jnp.int32) if task is None
+            else task.init_inputs(batch_shards))
 
   def init_fn(key):
-    variables = model.init(key, jnp.zeros((batch_shards, seq_len), jnp.int32))
+    variables = model.init(key, inputs)
     params = variables["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
@@ -261,7 +268,8 @@ def train(workdir: str, *, num_steps: int = gin.REQUIRED, batch_size: int = 16,
           seq_len: int = 256, seed: int = 0, log_every: int = 50, eval_every: int = 500,
           eval_batches: Optional[int] = 32, peak_flops_per_device: Optional[float] = None,
           model_config: Optional[DecoderConfig] = None,
-          init_checkpoint: Optional[str] = None, task_loss_weight: float = 1.0) -> dict:
+          init_checkpoint: Optional[str] = None, task_loss_weight: float = 1.0,
+          task: str = "lm") -> dict:
   """Trains the gin-configured model in `workdir`; returns the final evaluation summary.
 
   `init_checkpoint` (a workdir or its checkpoints/ folder) starts a new run from another run's
@@ -269,20 +277,18 @@ def train(workdir: str, *, num_steps: int = gin.REQUIRED, batch_size: int = 16,
   small FFN and router when starting from a dense run) keep their fresh init; a run that already has checkpoints of its own
   resumes from them instead. `task_loss_weight` scales the cross-entropy (0 trains on the sown
   losses alone, e.g. distillation stages); `make_optimizer.trainable` freezes parameters.
+  `task`: 'lm' or 'image_classification' (adacomp.tasks); `seq_len` and `model_config` (a
+  DecoderConfig) are language-model settings, the ViT is configured through ViTConfig.
   """
   workdir_path = checkpointing.ensure_writable(workdir)
   kernels.configure_kernels()
-  model_config = DecoderConfig() if model_config is None else model_config
-  if seq_len > model_config.max_len:
-    raise ValueError(
-        f"train.seq_len={seq_len} exceeds the model's DecoderConfig.max_len="
-        f"{model_config.max_len}; lower train.seq_len or raise DecoderConfig.max_len.")
+  task_obj = tasks.make_task(task, seq_len=seq_len, model_config=model_config)
+  task_obj.check()
 
   mesh = sharding.make_mesh()
   rules = sharding.logical_axis_rules()
-  train_data = data_lib.lm_dataset("train", batch_size=batch_size, seq_len=seq_len, train=True,
-                          seed=seed)
-  model = build_decoder(train_data.tokenizer.vocab_size, model_config)
+  train_data = task_obj.dataset("train", batch_size=batch_size, train=True, seed=seed)
+  model = task_obj.build_model(train_data)
   tx = make_optimizer(num_steps)
   manager = checkpointing.make_manager(str(workdir_path))
   config_str = gin.config_str()
@@ -290,7 +296,8 @@ def train(workdir: str, *, num_steps: int = gin.REQUIRED, batch_size: int = 16,
     (workdir_path / "config.gin").write_text(config_str)
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    state, abstract, state_sharding = init_train_state(model, tx, seq_len, seed, mesh, rules)
+    state, abstract, state_sharding = init_train_state(model, tx, seq_len, seed, mesh, rules,
+                                                       task=task_obj)
     train_iter = iter(train_data)
     start_step = 0
     latest = manager.latest_step()
@@ -313,7 +320,6 @@ def train(workdir: str, *, num_steps: int = gin.REQUIRED, batch_size: int = 16,
             f"{dict(mesh.shape)}; {jax.device_count()} device(s), "
             f"{jax.process_count()} process(es)", flush=True)
 
-    layer_mask = skip_schedule.layer_mask_for_training(seq_len, model.config.num_layers)
     grad_mask = trainable_mask(gin.query_parameter("make_optimizer.trainable")
                                if _bound("make_optimizer.trainable") else None, state.params)
     if not all(jax.tree.leaves(grad_mask)):
@@ -322,23 +328,22 @@ def train(workdir: str, *, num_steps: int = gin.REQUIRED, batch_size: int = 16,
                                                 jax.tree.leaves(grad_mask)) if m)
       print(f"Training {count_params(state.params) - frozen:,} parameters; {frozen:,} frozen "
             f"(make_optimizer.trainable)", flush=True)
-    step_fn = jax.jit(make_train_step(model, tx, seed, layer_mask, task_loss_weight, grad_mask),
+    step_fn = jax.jit(make_train_step(model, tx, seed, None, task_loss_weight, grad_mask,
+                                      task=task_obj),
                       donate_argnums=0,
                       out_shardings=(state_sharding, None))
-    eval_fn = jax.jit(make_eval_step(model, layer_mask))
+    eval_fn = jax.jit(make_eval_step(model, task=task_obj))
     writer = metrics_lib.MetricWriter(str(workdir_path), num_steps)
-    meta = {"gin_config": config_str, "seq_len": seq_len, "batch_size": batch_size,
-            "eval_batches": eval_batches, "vocab_size": model.config.vocab_size}
+    meta = {"gin_config": config_str, "batch_size": batch_size, "eval_batches": eval_batches,
+            **task_obj.meta(model)}
 
     def run_eval(step):
-      data = data_lib.lm_dataset("validation", batch_size=batch_size, seq_len=seq_len, train=False,
-                        eval_max_batches=eval_batches)
-      summary = evaluation.evaluate(eval_fn, state.params, data,
-                                    lambda b: sharding.global_batch(b, mesh))
+      data = task_obj.dataset("validation", batch_size=batch_size, train=False,
+                              eval_max_batches=eval_batches)
+      summary = task_obj.evaluate(eval_fn, state.params, data,
+                                  lambda b: sharding.global_batch(b, mesh))
       writer.write(step, "validation", summary)
-      print(f"  eval @ step {step}: loss {summary['loss']:.4f} | bits/byte "
-            f"{summary['bits_per_byte']:.4f} | token acc {summary['token_accuracy']:.3f} | "
-            f"{int(summary['num_tokens']):,} tokens", flush=True)
+      print(f"  eval @ step {step}: {task_obj.eval_line(summary)}", flush=True)
       return summary
 
     compiled_step, flops_per_step = None, None
@@ -364,8 +369,9 @@ def train(workdir: str, *, num_steps: int = gin.REQUIRED, batch_size: int = 16,
         if step % log_every == 0 or last:
           elapsed = max(time.time() - window_start - paused, 1e-9)
           scalars = {k: float(np.mean([m[k] for m in host])) for k in host[-1]}
-          tokens = float(sum(m["tokens"] for m in host))
-          scalars.update(step_ms=1000 * elapsed / window_steps, tokens_per_s=tokens / elapsed)
+          count = float(sum(m[task_obj.unit] for m in host))
+          scalars.update({"step_ms": 1000 * elapsed / window_steps,
+                          f"{task_obj.unit}_per_s": count / elapsed})
           if flops_per_step:
             scalars["tflops_per_s"] = flops_per_step * window_steps / elapsed / 1e12
             if peak_flops_per_device:

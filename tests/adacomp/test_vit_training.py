@@ -1,0 +1,62 @@
+"""End to end: train a tiny dense ViT on digits, fine-tune AS-ViT from it, evaluate both."""
+import json
+
+import gin
+import pytest
+
+from adacomp import checkpointing, evaluator, gin_utils, training
+
+TINY = [
+    "train.task = 'image_classification'",
+    "train.num_steps = 30", "train.batch_size = 32", "train.log_every = 10",
+    "train.eval_every = 0", "train.eval_batches = 3",
+    "ViTConfig.image_size = 32", "ViTConfig.patch_size = 8", "ViTConfig.num_layers = 3",
+    "ViTConfig.d_model = 32", "ViTConfig.num_heads = 2", "ViTConfig.head_dim = 16",
+    "ViTConfig.d_ff = 64",
+    "make_optimizer.learning_rate = 3e-3", "make_optimizer.warmup_steps = 5",
+    "make_manager.save_every = 30",
+]
+PRUNING = [
+    "ViTConfig.prune_after = (1, 2)", "ViTConfig.threshold_init = (0.005, 0.01)",
+    "ViTConfig.budget_ratio = 0.4",
+    "train.num_steps = 25", "make_optimizer.learning_rate = 3e-3",
+    "make_optimizer.warmup_steps = 0", "make_optimizer.schedule = 'constant'",
+]
+
+
+def _train(workdir, data_dir, *bindings):
+  gin.clear_config()
+  gin_utils.parse([], TINY + [f"image_dataset.data_dir = '{data_dir}'"] + list(bindings),
+                  finalize=False)
+  return training.train(str(workdir))
+
+
+def test_as_vit_fine_tuned_from_the_dense_vit_moves_its_compute_toward_the_budget(tmp_path):
+  # One test, not two sharing a fixture: pytest-xdist would run the dense fixture per worker.
+  data_dir = str(tmp_path / "tfds")
+  dense = _train(tmp_path / "dense", data_dir)
+  records = [json.loads(l) for l in open(tmp_path / "dense" / "metrics.jsonl")]
+  losses = [r["loss"] for r in records if r["split"] == "train"]
+  assert losses[-1] < losses[0], losses
+  assert dense["compute_fraction"] == pytest.approx(1.0)
+  assert {"images_per_s", "accuracy", "loss", "num_images"} <= set(dense)
+
+  summary = _train(tmp_path / "as_vit", data_dir, *PRUNING,
+                   f"train.init_checkpoint = '{tmp_path / 'dense'}'")
+  records = [json.loads(l) for l in open(tmp_path / "as_vit" / "metrics.jsonl")]
+  aux_losses = [r["aux_loss"] for r in records if r["split"] == "train"]
+  # The sown budget (+ distillation, 0 at the start) term falls ...
+  assert aux_losses[-1] < aux_losses[0], aux_losses
+  # ... and from the dense checkpoint (compute fraction ~1 with the tiny initial thresholds)
+  # the pruned model's compute moves toward rho = 0.4.
+  assert summary["compute_fraction"] < 0.85, summary
+  assert summary["kept_stage0"] >= summary["kept_stage1"]
+
+  gin.clear_config()
+  step, meta = checkpointing.read_meta(str(tmp_path / "as_vit"))
+  gin.parse_config(meta["gin_config"])
+  report = evaluator.evaluate_checkpoint(str(tmp_path / "as_vit"), meta, step)
+  assert report["task"] == "image_classification"
+  assert report["compute_fraction"] == pytest.approx(summary["compute_fraction"], rel=1e-6)
+  assert report["accuracy"] == pytest.approx(summary["accuracy"])
+  assert "top-1" in report["summary_line"]
