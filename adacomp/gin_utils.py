@@ -13,6 +13,8 @@ import gin
 from adacomp import checkpointing  # pylint: disable=unused-import
 from adacomp import data  # pylint: disable=unused-import
 from adacomp import duo_config  # pylint: disable=unused-import
+from adacomp import tokenformer_config  # pylint: disable=unused-import
+from adacomp import routing_config  # pylint: disable=unused-import
 from adacomp import evaluator  # pylint: disable=unused-import
 from adacomp import kernels  # pylint: disable=unused-import
 from adacomp import sharding  # pylint: disable=unused-import

@@ -1,0 +1,216 @@
+"""RoutedFFN / RoutedAttention: informed execute-or-approximate vs greedy execute-or-skip."""
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from layers.attention import MultiHeadAttention
+from layers.mlp import DenseFFN, ffn_macs
+from layers.routing import RoutedAttention, RoutedFFN, executed_tokens
+
+B, T, D, F, H, HD = 2, 16, 32, 64, 2, 16
+SPARSITIES = (0.0, 0.25, 0.5, 0.75)
+
+
+def _x(seed=0):
+  return jax.random.normal(jax.random.key(seed), (B, T, D))
+
+
+def _positions():
+  return jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+
+
+def _params(module, *args):
+  params = nn.meta.unbox(module.init(jax.random.key(7), *args)["params"])
+  if "forecaster" in params:  # a trained-looking forecaster, not the zero init
+    up = params["forecaster"]["up"]
+    params["forecaster"]["up"] = 0.1 * jax.random.normal(jax.random.key(8), up.shape)
+  return params
+
+
+def _apply(module, params, *args, **kw):
+  y, state = jax.jit(lambda p, *a: module.apply(
+      {"params": p}, *a, mutable=["intermediates", "losses"], **kw))(params, *args)
+  inter = state["intermediates"]
+  return y, np.asarray(inter["executed"][0]).astype(bool), np.asarray(inter["macs"][0]), \
+      state.get("losses", {})
+
+
+def _router_scores(module, params, x):
+  """The ranking score, recomputed from the router's parameters in numpy."""
+  r = params["router"]
+  h = np.maximum(np.asarray(x) @ r["hidden"]["kernel"] + r["hidden"]["bias"], 0.0)
+  logits = h @ r["logits"]["kernel"] + r["logits"]["bias"]
+  return logits.sum(-1) if module.mode == "informed" else logits[..., 0]
+
+
+@pytest.mark.parametrize("mode", ["informed", "greedy"])
+def test_sparsity_zero_is_exactly_the_dense_ffn_and_its_macs(mode):
+  module = RoutedFFN(d_ff=F, sparsity=0.0, mode=mode)
+  params = _params(module, _x())
+  y, executed, macs, _ = _apply(module, params, _x())
+  dense = jax.jit(lambda p, x: DenseFFN(d_ff=F).apply({"params": p}, x))(
+      {"wi": params["wi"], "wo": params["wo"]}, _x())
+  np.testing.assert_array_equal(y, dense)
+  assert executed.all()
+  np.testing.assert_array_equal(macs, np.full((B, T), ffn_macs(D, F)))
+
+
+@pytest.mark.parametrize("mode", ["informed", "greedy"])
+def test_sparsity_zero_is_exactly_the_dense_attention_and_its_macs(mode):
+  module = RoutedAttention(H, HD, sparsity=0.0, mode=mode)
+  params = _params(module, _x(), _positions())
+  y, executed, macs, _ = _apply(module, params, _x(), _positions())
+  dense, state = jax.jit(lambda p, x, pos: MultiHeadAttention(H, HD).apply(
+      {"params": p}, x, pos, mutable=["intermediates"]))(
+          {k: params[k] for k in ("query", "key", "value", "out")}, _x(), _positions())
+  np.testing.assert_array_equal(y, dense)
+  assert executed.all()
+  np.testing.assert_array_equal(macs, state["intermediates"]["macs"][0])
+
+
+@pytest.mark.parametrize("mode", ["informed", "greedy"])
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+def test_router_executes_exactly_its_capacity_the_top_scores(sparsity, mode):
+  """(The gather path takes the same decisions: test_gather_path_equals_masked_path.)"""
+  module = RoutedFFN(d_ff=F, sparsity=sparsity, mode=mode)
+  params = _params(module, _x())
+  _, executed, _, _ = _apply(module, params, _x())
+  k = math.ceil((1 - sparsity) * T)
+  np.testing.assert_array_equal(executed.sum(axis=1), [k] * B)
+  if sparsity:
+    scores = _router_scores(module, params, _x())
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    for b in range(B):
+      assert set(np.flatnonzero(executed[b])) == set(top[b])
+
+
+def test_executed_tokens_rounds_up_and_refuses_bad_sparsity():
+  assert [executed_tokens(s, 10) for s in (0.0, 0.25, 0.5, 0.75, 1.0)] == [10, 8, 5, 3, 0]
+  with pytest.raises(ValueError, match="fraction of tokens that do not execute"):
+    executed_tokens(1.5, 10)
+
+
+@pytest.mark.parametrize("compute", ["masked", "gather"])
+@pytest.mark.parametrize("mode", ["informed", "greedy"])
+def test_unexecuted_tokens_take_the_forecast_or_the_identity(mode, compute):
+  module = RoutedFFN(d_ff=F, sparsity=0.5, mode=mode, compute=compute)
+  params = _params(module, _x())
+  y, executed, _, _ = _apply(module, params, _x())
+  x = np.asarray(_x(), np.float64)
+  unit = np.asarray(DenseFFN(d_ff=F).apply(
+      {"params": {"wi": params["wi"], "wo": params["wo"]}}, _x()))
+  if mode == "informed":
+    other = x @ params["forecaster"]["down"] @ params["forecaster"]["up"]
+  else:
+    other = np.zeros_like(x)
+  expected = np.where(executed[..., None], unit, other)
+  np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["informed", "greedy"])
+def test_gather_path_equals_masked_path(mode):
+  for cls, args in ((RoutedFFN, (_x(),)), (RoutedAttention, (_x(), _positions()))):
+    kw = dict(d_ff=F) if cls is RoutedFFN else dict(num_heads=H, head_dim=HD)
+    masked = cls(**kw, sparsity=0.75, mode=mode, compute="masked")
+    params = _params(masked, *args)
+    y_masked, ex_masked, macs_masked, _ = _apply(masked, params, *args)
+    y_gather, ex_gather, macs_gather, _ = _apply(masked.clone(compute="gather"), params, *args)
+    np.testing.assert_allclose(y_gather, y_masked, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(ex_gather, ex_masked)
+    np.testing.assert_array_equal(macs_gather, macs_masked)
+
+
+@pytest.mark.parametrize("mode", ["informed", "greedy"])
+def test_routed_attention_runs_on_the_executed_subsequence_only(mode):
+  """Executed tokens attend to executed tokens only: dense attention on that subsequence."""
+  module = RoutedAttention(H, HD, sparsity=0.5, mode=mode)
+  params = _params(module, _x(), _positions())
+  y, executed, _, _ = _apply(module, params, _x(), _positions())
+  dense = MultiHeadAttention(H, HD)
+  dense_params = {"params": {k: params[k] for k in ("query", "key", "value", "out")}}
+  for b in range(B):
+    idx = np.flatnonzero(executed[b])
+    sub = dense.apply(dense_params, _x()[b:b + 1, idx], jnp.asarray(idx)[None])
+    np.testing.assert_allclose(y[b, idx], sub[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["informed", "greedy"])
+def test_reported_macs_match_the_decisions(mode):
+  module = RoutedFFN(d_ff=F, sparsity=0.25, mode=mode, forecaster_rank=4, router_hidden=8)
+  params = _params(module, _x())
+  _, executed, macs, _ = _apply(module, params, _x())
+  router = D * 8 + 8 * (2 if mode == "informed" else 1)
+  other = 2 * D * 4 if mode == "informed" else 0
+  np.testing.assert_array_equal(macs, np.where(executed, 2 * D * F, other) + router)
+
+  att = RoutedAttention(H, HD, sparsity=0.25, mode=mode, forecaster_rank=4, router_hidden=8)
+  params = _params(att, _x(), _positions())
+  _, executed, macs, _ = _apply(att, params, _x(), _positions())
+  inner = H * HD
+  # An executed token sees the executed tokens at or before it.
+  visible = np.cumsum(executed, axis=1)
+  unit = 4 * D * inner + 2 * inner * visible
+  np.testing.assert_array_equal(macs, np.where(executed, unit, other) + router)
+
+
+def test_imposed_routes_are_honoured():
+  module = RoutedFFN(d_ff=F, sparsity=0.5, mode="greedy")
+  params = _params(module, _x())
+  routes = np.zeros((B, T), np.int32)
+  routes[:, ::3] = 1
+  y, executed, _, _ = _apply(module, params, _x(), routes=routes)
+  np.testing.assert_array_equal(executed, routes > 0)
+  assert np.all(np.asarray(y)[routes == 0] == 0)
+
+
+def test_straight_through_gradient_reaches_the_router_only_through_its_importance():
+  module = RoutedFFN(d_ff=F, sparsity=0.5, mode="informed")
+  params = _params(module, _x())
+  loss = lambda p: jnp.sum(jnp.sin(module.apply({"params": p}, _x())))
+  grads = jax.grad(loss)(params)
+  kernel = np.asarray(grads["router"]["logits"]["kernel"])
+  assert np.abs(kernel[:, 0]).sum() > 0  # importance: from the task loss
+  assert np.all(kernel[:, 1] == 0)  # error head: from its regression loss only
+
+
+def test_losses_distillation_and_recoverability_are_sown():
+  module = RoutedFFN(d_ff=F, sparsity=0.5, mode="informed", distill_weight=2.0)
+  params = _params(module, _x())
+  _, _, _, losses = _apply(module, params, _x())
+  unit = DenseFFN(d_ff=F).apply({"params": {"wi": params["wi"], "wo": params["wo"]}}, _x())
+  forecast = np.asarray(_x()) @ params["forecaster"]["down"] @ params["forecaster"]["up"]
+  np.testing.assert_allclose(losses["forecast_distill"][0],
+                             2.0 * np.mean((np.asarray(unit) - forecast) ** 2), rtol=1e-5)
+  assert np.isfinite(losses["routing_recoverability"][0])
+
+
+@pytest.mark.parametrize("mode", ["informed", "greedy"])
+def test_compiled_flops_fall_with_sparsity_in_the_gather_path(mode):
+  x = jax.random.normal(jax.random.key(0), (2, 128, 64))
+  flops = []
+  for sparsity in (0.0, 0.5, 0.75):
+    module = RoutedFFN(d_ff=256, sparsity=sparsity, mode=mode, compute="gather")
+    params = _params(module, x)
+    compiled = jax.jit(lambda p, x: module.apply({"params": p}, x)).lower(params, x).compile()
+    cost = compiled.cost_analysis()
+    flops.append(float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]))
+  assert all(a > b for a, b in zip(flops, flops[1:])), flops
+  # The FFN dominates: 75% sparsity costs well under half the dense FLOPs.
+  assert flops[-1] < 0.5 * flops[0], flops
+
+
+def test_routed_attention_refuses_kv_cache_decoding():
+  module = RoutedAttention(H, HD, sparsity=0.5)
+  with pytest.raises(ValueError, match="KV cache"):
+    module.init(jax.random.key(0), _x(), _positions(), decode=True)
+
+
+def test_imposed_routes_need_the_masked_path():
+  module = RoutedFFN(d_ff=F, sparsity=0.5, compute="gather")
+  params = _params(module.clone(compute="masked"), _x())
+  with pytest.raises(ValueError, match="compute='masked'"):
+    module.apply({"params": params}, _x(), routes=np.ones((B, T), np.int32))
