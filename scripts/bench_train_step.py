@@ -26,7 +26,7 @@ import tempfile
 # label -> (gin files, bindings, dense baseline label)
 METHODS = {
     "dense": (["configs/dense.gin"], [], "dense"),
-    "duo (random routes, masked)": (["configs/duo.gin"], [], "dense"),
+    "duo (random routes; masked)": (["configs/duo.gin"], [], "dense"),
     "duo router stage": (["configs/duo_router.gin"], ["train.init_checkpoint = None"], "dense"),
     "dense 12 layers": (["configs/dense.gin", "configs/sizes/tiny_deep.gin"], [],
                         "dense 12 layers"),
@@ -35,9 +35,9 @@ METHODS = {
     "duo + skipdecode 2x": (["configs/duo_skipdecode.gin"], ["train.init_checkpoint = None"],
                             "dense"),
     "tokenformer": (["configs/tokenformer.gin"], [], "dense"),
-    "informed routing, forecasters": (["configs/informed_routing_lff.gin"],
+    "informed routing: forecasters": (["configs/informed_routing_lff.gin"],
                                       ["train.init_checkpoint = None"], "dense"),
-    "informed routing, router": (["configs/informed_routing.gin"],
+    "informed routing: router": (["configs/informed_routing.gin"],
                                  ["train.init_checkpoint = None"], "dense"),
     "mod (greedy)": (["configs/mod.gin"], ["train.init_checkpoint = None"], "dense"),
     "vit (dense)": (["configs/vit.gin"], [], "vit (dense)"),

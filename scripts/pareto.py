@@ -27,6 +27,7 @@ flags.DEFINE_integer("rounds", 10, "Interleaved timing rounds.")
 flags.DEFINE_integer("batch_size", 8, "Rows of the timed batch.")
 flags.DEFINE_integer("prompt_len", 32, "Prompt length when a SkipDecode entry is timed "
                      "generating.")
+flags.DEFINE_string("image_bench", None, "JSON of scripts/bench_vit.py: image entries' timing.")
 FLAGS = flags.FLAGS
 
 
@@ -46,7 +47,8 @@ def main(argv):
                               e.label == FLAGS.reference, e.ref) for e in entries]
     pareto.run_pareto(entries, FLAGS.output_dir, split=FLAGS.split,
                       eval_batches=FLAGS.eval_batches or None, rounds=FLAGS.rounds,
-                      batch_size=FLAGS.batch_size, prompt_len=FLAGS.prompt_len)
+                      batch_size=FLAGS.batch_size, prompt_len=FLAGS.prompt_len,
+                      image_bench=FLAGS.image_bench)
   except (ValueError, PermissionError) as e:
     print(f"\nERROR: {e}", file=sys.stderr, flush=True)
     sys.exit(1)

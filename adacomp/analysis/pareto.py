@@ -19,6 +19,9 @@ the figures are comparable:
     `prompt_len` + the rest of the sequence) with their schedule against the same params
     generating through every layer, and that ratio is reported.
 
+    Image classifiers: the packed-inference speed-up at batch 64 that `scripts/bench_vit.py`
+    measured (its JSON, `image_bench`), matched by checkpoint directory; without it, none.
+
 `run_pareto` writes pareto.json and pareto.png (two panels: quality vs compute, quality vs time).
 """
 import dataclasses
@@ -146,7 +149,8 @@ def time_round_robin(fns: dict, rounds: int, warmup: int = 2,
 
 def run_pareto(entries: Sequence[Entry], output_dir: str, *, split: str = "validation",
                eval_batches: Optional[int] = 8, rounds: int = 10, batch_size: int = 8,
-               prompt_len: int = 32, plots: bool = True, verbose: bool = True) -> dict:
+               prompt_len: int = 32, image_bench: Optional[str] = None, plots: bool = True,
+               verbose: bool = True) -> dict:
   """Evaluates and times every entry; writes pareto.json (+ pareto.png). Returns the table."""
   from adacomp.analysis.duo_analysis import ProgressBar  # pylint: disable=g-import-not-at-top
   say = print if verbose else (lambda *a, **k: None)
@@ -183,6 +187,7 @@ def run_pareto(entries: Sequence[Entry], output_dir: str, *, split: str = "valid
     if entry.ref is not None and by_label[entry.ref]["task"] != row["task"]:
       raise ValueError(f"Entry {entry.label!r} and its ref {entry.ref!r} are different tasks.")
     row["reference"] = entry.ref or references[row["task"]]
+    row["reference_dir"] = by_label[row["reference"]]["checkpoint_dir"]
   for row in rows:
     ref = by_label[row["reference"]]["report"]
     rep = row["report"]
@@ -190,9 +195,8 @@ def run_pareto(entries: Sequence[Entry], output_dir: str, *, split: str = "valid
       row["quality"], row["quality_name"] = rep["bits_per_byte"], "bits per byte"
       row["compute"] = rep["macs_per_token"] / ref["macs_per_token"]
     else:
-      row["quality"], row["quality_name"] = rep.get("top1", rep.get("accuracy")), "top-1"
-      row["compute"] = rep["macs_per_image"] / ref["macs_per_image"] if (
-          "macs_per_image" in rep) else rep.get("compute_fraction")
+      row["quality"], row["quality_name"] = rep["accuracy"], "top-1"
+      row["compute"] = rep["macs_per_image"] / ref["macs_per_image"]
 
   # Timing: every LM entry's inference path, interleaved.
   timers, kinds = {}, {}
@@ -206,12 +210,17 @@ def run_pareto(entries: Sequence[Entry], output_dir: str, *, split: str = "valid
   say(f"Timing {len(timers)} inference paths, {rounds} interleaved rounds")
   ms = time_round_robin(timers, rounds, progress=ProgressBar("timing rounds") if verbose
                         else None) if timers else {}
+  speedups = {}
+  if image_bench:
+    with open(image_bench) as f:
+      speedups = {os.path.normpath(r["workdir"]): r.get("speedup_b64")
+                  for r in json.load(f)["rows"]}
   for row in rows:
     if row["task"] != "lm":
-      ref_rep = by_label[row["reference"]]["report"]
-      ips, ref_ips = row["report"].get("images_per_s"), ref_rep.get("images_per_s")
-      row["time"] = ref_ips / ips if ips and ref_ips else None
-      row["timing"] = "images/s from eval"
+      s, ref = (speedups.get(os.path.normpath(row[k])) for k in
+                ("checkpoint_dir", "reference_dir"))
+      row["time"] = (ref / s) if s and ref else None
+      row["timing"] = "packed, batch 64 (bench_vit)" if row["time"] else "not timed"
       continue
     label = row["label"]
     row["timing"] = kinds[label]
@@ -243,27 +252,43 @@ def format_table(result: dict) -> str:
   return "\n".join(lines)
 
 
+def family(label: str) -> str:
+  """The method family of an entry, for colours: the label's first word ("Duo router" -> Duo)."""
+  return label.split()[0] if label.split() else label
+
+
 def plot(result: dict, path: str) -> None:
+  """One row per task: quality against compute and against time, one colour per family."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  tasks = sorted({r["task"] for r in result["rows"]})
-  fig, axes = plt.subplots(len(tasks), 2, figsize=(11, 4.4 * len(tasks)), squeeze=False)
+  tasks = sorted({r["task"] for r in result["rows"]}, key=lambda t: (t != "lm", t))
+  families = sorted({family(r["label"]) for r in result["rows"]})
+  colours = {f: plt.cm.tab10(i % 10) for i, f in enumerate(families)}
+  markers = "osD^v<>Ph*X"
+  fig, axes = plt.subplots(len(tasks), 2, figsize=(12, 5.2 * len(tasks)), squeeze=False)
   for ti, task in enumerate(tasks):
     rows = [r for r in result["rows"] if r["task"] == task]
-    for ci, (key, xlabel) in enumerate((("compute", "MACs per token vs dense"),
-                                        ("time", "inference time vs dense"))):
+    for ci, (key, xlabel) in enumerate((
+        ("compute", "MACs per token (image) relative to the entry's dense reference"),
+        ("time", "inference time relative to the entry's dense reference"))):
       ax = axes[ti, ci]
-      for r in rows:
-        if r[key] is None:
+      for fi, fam in enumerate(sorted({family(r["label"]) for r in rows})):
+        pts = sorted((r[key], r["quality"], r["label"]) for r in rows
+                     if family(r["label"]) == fam and r[key] is not None)
+        if not pts:
           continue
-        ax.plot([r[key]], [r["quality"]], "o")
-        ax.annotate(r["label"], (r[key], r["quality"]), textcoords="offset points",
-                    xytext=(4, 3), fontsize=7)
-      ax.set_xlabel(xlabel)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", color=colours[fam], alpha=0.35)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], markers[fi % len(markers)],
+                color=colours[fam], label=fam, markersize=6)
+        for x, y, label in pts:
+          ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=6,
+                      color=colours[fam])
+      ax.set_xlabel(xlabel, fontsize=8)
       ax.set_ylabel(rows[0]["quality_name"] + (" (lower is better)" if task == "lm" else ""))
       ax.grid(alpha=0.3)
-      ax.set_title(f"{task}: quality vs {key}")
+      ax.set_title(f"{'language modelling' if task == 'lm' else task}: quality vs {key}")
+      ax.legend(fontsize=7, loc="best")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
