@@ -31,6 +31,8 @@ def _result(corpus, tmp_path_factory):
   quiet = ("train.eval_every = 0", "make_manager.save_every = 100", "train.num_steps = 2")
   _train(corpus, root / "dense", *quiet)
   _train(corpus, root / "duo", *quiet, "DecoderConfig.ffn_cls = @duo_ffn()")
+  _train(corpus, root / "informed", *quiet, "DecoderConfig.ffn_cls = @routed_ffn()",
+         "routed_ffn.mode = 'informed'", "routed_ffn.sparsity = 0.5")
   skip = ("layer_mask_for_training.schedule = @schedule_for_speedup",
           "schedule_for_speedup.warmup_len = 8", "layer_mask_for_training.warmup_layers = 1")
   entries = [
@@ -39,6 +41,8 @@ def _result(corpus, tmp_path_factory):
       pareto.parse_entry(f"duo small={root / 'duo'};duo_ffn.mode='small'"),
       pareto.parse_entry(f"duo p0.5={root / 'duo'};duo_ffn.mode='random';"
                          f"duo_ffn.mix=(0.0, 0.5, 0.5)"),
+      *[pareto.parse_entry(f"informed {sp}={root / 'informed'};routed_ffn.sparsity={sp};"
+                           f"routed_ffn.compute='gather'") for sp in (0.25, 0.5, 0.75)],
       pareto.parse_entry(f"skip 1.5x={root / 'dense'};" + ";".join(skip) +
                          ";schedule_for_speedup.speedup=1.5;ref=dense"),
       pareto.parse_entry(f"skip 2x={root / 'dense'};" + ";".join(skip) +
@@ -66,6 +70,8 @@ def test_compute_is_monotone_in_each_budget_knob(result):
   assert duo[0] < duo[1] < duo[2]
   skip = [rows[k]["compute"] for k in ("dense", "skip 1.5x", "skip 2x")]
   assert skip[0] > skip[1] > skip[2]
+  informed = [rows[f"informed {sp}"]["compute"] for sp in (0.25, 0.5, 0.75)]  # sparsity
+  assert informed[0] > informed[1] > informed[2]
 
 
 def test_skipdecode_entries_are_timed_generating_and_the_rest_forward(result):
