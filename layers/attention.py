@@ -28,6 +28,37 @@ def dot_product_attention(q, k, v, mask, dtype=jnp.float32):
   return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
+def decode_attention(module: nn.Module, q, k, v, *, rope_base: float, rope_fraction: float,
+                     dtype=jnp.float32):
+  """The KV-cache step of an attention module in `decode` mode (shared by every attention).
+
+  q, k, v: [b, T, h, d] projections of T new tokens, before RoPE. Declares `cached_key`,
+  `cached_value` and `cache_index` in the module's `cache` collection; at `init` (no cache yet)
+  returns None and the caller runs its full pass, which sizes the cache. Otherwise writes k, v
+  at [index, index + T), attends every new token to the cache entries up to its own position
+  and returns (out [b, T, h, d], positions [b, T]).
+  """
+  b, t = q.shape[:2]
+  is_initialized = module.has_variable("cache", "cached_key")
+  cached_key = module.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+  cached_value = module.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+  cache_index = module.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+  if not is_initialized:
+    return None
+  start = cache_index.value
+  positions = start + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  q = apply_rope(q, positions, base=rope_base, fraction=rope_fraction)
+  k = apply_rope(k, positions, base=rope_base, fraction=rope_fraction)
+  keys = jax.lax.dynamic_update_slice(cached_key.value, k, (0, start, 0, 0))
+  values = jax.lax.dynamic_update_slice(cached_value.value, v, (0, start, 0, 0))
+  cached_key.value, cached_value.value = keys, values
+  cache_index.value = start + t
+  max_len = keys.shape[1]
+  k_positions = jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32), (b, max_len))
+  out = dot_product_attention(q, keys, values, causal_mask(positions, k_positions), dtype)
+  return out, positions
+
+
 class MultiHeadAttention(nn.Module):
   num_heads: int
   head_dim: int
@@ -56,23 +87,10 @@ class MultiHeadAttention(nn.Module):
     v = jnp.einsum("btd,dhk->bthk", x, wv)
 
     if decode:
-      is_initialized = self.has_variable("cache", "cached_key")
-      cached_key = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
-      cached_value = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
-      cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
-      if is_initialized:
-        start = cache_index.value
-        positions = start + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        q = apply_rope(q, positions, base=self.rope_base, fraction=self.rope_fraction)
-        k = apply_rope(k, positions, base=self.rope_base, fraction=self.rope_fraction)
-        keys = jax.lax.dynamic_update_slice(cached_key.value, k, (0, start, 0, 0))
-        values = jax.lax.dynamic_update_slice(cached_value.value, v, (0, start, 0, 0))
-        cached_key.value, cached_value.value = keys, values
-        cache_index.value = start + t
-        max_len = keys.shape[1]
-        k_positions = jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32), (b, max_len))
-        out = dot_product_attention(q, keys, values, causal_mask(positions, k_positions),
-                                    self.dtype)
+      cached = decode_attention(self, q, k, v, rope_base=self.rope_base,
+                                rope_fraction=self.rope_fraction, dtype=self.dtype)
+      if cached is not None:
+        out, positions = cached
         self._sow_macs(b, t, d, positions + 1)
         return jnp.einsum("bthk,hkd->btd", out, wo)
 

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 from jax.typing import DTypeLike
 
 import pallas_kernels
-from layers.attention import causal_mask, dot_product_attention
+from layers.attention import causal_mask, decode_attention, dot_product_attention
 from layers.rope import apply_rope
 
 DEFAULT_KEY_STD = 0.02
@@ -119,22 +119,10 @@ class PattentionAttention(nn.Module):
     rope = dict(base=self.rope_base, fraction=self.rope_fraction)
 
     if decode:
-      is_initialized = self.has_variable("cache", "cached_key")
-      cached_key = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
-      cached_value = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
-      cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
-      if is_initialized:
-        start = cache_index.value
-        positions = start + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        q, k = apply_rope(q, positions, **rope), apply_rope(k, positions, **rope)
-        keys = jax.lax.dynamic_update_slice(cached_key.value, k, (0, start, 0, 0))
-        values = jax.lax.dynamic_update_slice(cached_value.value, v, (0, start, 0, 0))
-        cached_key.value, cached_value.value = keys, values
-        cache_index.value = start + t
-        max_len = keys.shape[1]
-        k_positions = jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32), (b, max_len))
-        out = dot_product_attention(q, keys, values, causal_mask(positions, k_positions),
-                                    self.dtype)
+      cached = decode_attention(self, q, k, v, rope_base=self.rope_base,
+                                rope_fraction=self.rope_fraction, dtype=self.dtype)
+      if cached is not None:
+        out, positions = cached
         self._sow_macs(b, t, positions + 1)
         return out_proj(out.reshape(b, t, inner))
 
