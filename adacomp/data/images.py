@@ -29,6 +29,7 @@ import tensorflow_datasets as tfds
 
 from adacomp.data.digits import digits_builder
 from adacomp.data.local_text import DataError
+from adacomp.data import pipeline
 from adacomp.data.pipeline import _default_data_dir, _open_source
 
 
@@ -125,11 +126,8 @@ class ImageIterator(Iterator[dict]):
 
   def _order_for(self, epoch: int) -> np.ndarray:
     if self._order_epoch != epoch:
-      ids = self._ds.ids
-      if self._ds.train:
-        rng = np.random.default_rng([self._ds.seed, epoch, self._ds.process_index])
-        ids = ids[rng.permutation(len(ids))]
-      self._order_epoch, self._order = epoch, ids
+      self._order_epoch, self._order = epoch, pipeline.epoch_order(
+          self._ds.ids, epoch, self._ds.train, self._ds.seed, self._ds.process_index)
     return self._order
 
   def __next__(self) -> dict:

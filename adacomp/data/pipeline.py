@@ -130,6 +130,16 @@ class LMDataset:
     return PackedIterator(self)
 
 
+
+def epoch_order(ids: np.ndarray, epoch: int, train: bool, seed: int,
+                process_index: int) -> np.ndarray:
+  """This process's example ids in the order of `epoch`: a fresh seeded permutation per epoch
+  when training, the stored order for evaluation (shared by the text and image pipelines)."""
+  if not train:
+    return ids
+  rng = np.random.default_rng([seed, epoch, process_index])
+  return ids[rng.permutation(len(ids))]
+
 class PackedIterator(Iterator[dict]):
   """Yields {'inputs', 'targets', 'weights', 'target_bytes'} numpy batches of this process."""
 
@@ -149,11 +159,8 @@ class PackedIterator(Iterator[dict]):
   # -- stream --------------------------------------------------------------------------------
   def _doc_order(self, epoch: int) -> np.ndarray:
     if self._order_epoch != epoch:
-      ids = self._ds.doc_ids
-      if self._ds.train:
-        rng = np.random.default_rng([self._ds.seed, epoch, self._ds.process_index])
-        ids = ids[rng.permutation(len(ids))]
-      self._order_epoch, self._order = epoch, ids
+      self._order_epoch, self._order = epoch, epoch_order(
+          self._ds.doc_ids, epoch, self._ds.train, self._ds.seed, self._ds.process_index)
     return self._order
 
   def _tokens(self, epoch: int, position: int) -> np.ndarray:
