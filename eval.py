@@ -28,13 +28,10 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax and tfds are chatty at INFO
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  import gin  # pylint: disable=g-import-not-at-top
-  from adacomp import checkpointing, evaluator, gin_utils  # pylint: disable=g-import-not-at-top
+  from adacomp import evaluator, gin_utils  # pylint: disable=g-import-not-at-top
   try:
-    step, meta = checkpointing.read_meta(FLAGS.checkpoint_dir, FLAGS.step)
-    gin_utils.parse([], [], finalize=False)
-    gin.parse_config(meta["gin_config"])
-    gin_utils.parse(FLAGS.gin_file, FLAGS.gin_bindings)
+    step, meta = gin_utils.parse_checkpoint_config(
+        FLAGS.checkpoint_dir, FLAGS.step, FLAGS.gin_file, FLAGS.gin_bindings, finalize=True)
     report = evaluator.evaluate_checkpoint(FLAGS.checkpoint_dir, meta, step)
   except (ValueError, PermissionError) as e:
     print(f"\nERROR: {e}", file=sys.stderr, flush=True)

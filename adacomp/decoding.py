@@ -188,15 +188,12 @@ def teacher_forced_logits(decoder: Decoder, params, tokens, schedule, prompt_len
 def load_checkpoint_for_decoding(checkpoint_dir: str, step: Optional[int] = None):
   """(Decoder, params, tokenizer, meta) for a trained decoder checkpoint.
 
-  The gin config saved with the checkpoint must already be parsed (see scripts/generate.py).
+  The gin config saved with the checkpoint must already be parsed
+  (`gin_utils.parse_checkpoint_config`).
   """
-  from adacomp import checkpointing, sharding  # pylint: disable=g-import-not-at-top
+  from adacomp import checkpointing  # pylint: disable=g-import-not-at-top
   from adacomp import data as data_lib  # pylint: disable=g-import-not-at-top
-  from adacomp.training import build_decoder  # pylint: disable=g-import-not-at-top
+  from adacomp.training import load_decoder  # pylint: disable=g-import-not-at-top
   step, meta = checkpointing.read_meta(checkpoint_dir, step)
-  tokenizer = data_lib.get_tokenizer()
-  model = build_decoder(tokenizer.vocab_size)
-  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
-  abstract = sharding.strip_boxes(boxed["params"])
-  params = checkpointing.restore_params(checkpoint_dir, abstract, step=step)
-  return Decoder(model.config), params, tokenizer, {**meta, "step": step}
+  model, params = load_decoder(checkpoint_dir, meta, step)
+  return Decoder(model.config), params, data_lib.get_tokenizer(), {**meta, "step": step}

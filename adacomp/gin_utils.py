@@ -5,7 +5,7 @@ them. Includes resolve against the current directory and the repository root, so
 `include 'configs/sizes/tiny.gin'` works from anywhere.
 """
 import os
-from typing import Sequence
+from typing import Optional, Sequence
 
 import gin
 
@@ -63,3 +63,16 @@ def parse(gin_files: Sequence[str], gin_bindings: Sequence[str] = (),
           f"adacomp/ and layers/ (e.g. train.num_steps, DecoderConfig.num_layers).") from e
   if finalize:
     gin.finalize()
+
+
+def parse_checkpoint_config(checkpoint_dir: str, step: Optional[int] = None,
+                            gin_files: Sequence[str] = (), gin_bindings: Sequence[str] = (),
+                            finalize: bool = False) -> tuple:
+  """Replaces the gin config with the one saved in a checkpoint, then `gin_files` and
+  `gin_bindings` over it (later ones win); returns (step, meta) of that checkpoint."""
+  step, meta = checkpointing.read_meta(checkpoint_dir, step)
+  gin.clear_config()
+  parse([], [], finalize=False)
+  gin.parse_config(meta["gin_config"])
+  parse(gin_files, gin_bindings, finalize=finalize)
+  return step, meta

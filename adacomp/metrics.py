@@ -20,6 +20,27 @@ def _format_duration(seconds: float) -> str:
   return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+class ProgressBar:
+  """`[#####.....] label 32/81 | 12.3s | eta 20s` on one line (a new line when not a tty)."""
+
+  def __init__(self, label: str, stream=sys.stdout):
+    self.label, self.stream, self.start = label, stream, time.time()
+    self.tty = getattr(stream, "isatty", lambda: False)()
+    self._last = -1.0
+
+  def __call__(self, done: int, total: int) -> None:
+    elapsed = time.time() - self.start
+    if not self.tty and done < total and elapsed - self._last < 5.0:
+      return  # logs get a line every 5 s, terminals every update
+    self._last = elapsed
+    frac = done / max(total, 1)
+    eta = elapsed / max(done, 1) * (total - done)
+    bar = "#" * int(20 * frac) + "." * (20 - int(20 * frac))
+    end = "\r" if self.tty and done < total else "\n"
+    print(f"[{bar}] {self.label} {done}/{total} | {elapsed:.1f}s | eta {eta:.0f}s", end=end,
+          file=self.stream, flush=True)
+
+
 class MetricWriter:
   """Writes scalars to JSONL and TensorBoard; `progress` prints the one-line training status."""
 

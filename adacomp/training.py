@@ -26,7 +26,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
-from etils import epath
 
 from adacomp import checkpointing
 from adacomp import kernels
@@ -124,6 +123,15 @@ def build_decoder(vocab_size: int, config: Optional[DecoderConfig] = None,
     raise ValueError(f"DecoderConfig.vocab_size={config.vocab_size} is smaller than the "
                      f"tokenizer's {vocab_size} ids; remove the binding or raise it.")
   return DecoderLM(config, decode=decode)
+
+
+def load_decoder(checkpoint_dir: str, meta: dict, step: int):
+  """(model, params) of a language-model checkpoint whose gin config is parsed already
+  (`gin_utils.parse_checkpoint_config`); `meta` and `step` as that returns them."""
+  model = build_decoder(meta["vocab_size"])
+  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
+  abstract = sharding.strip_boxes(boxed["params"])
+  return model, checkpointing.restore_params(checkpoint_dir, abstract, step=step)
 
 
 def sum_sown(tree) -> jax.Array:

@@ -43,7 +43,6 @@ def main(argv):
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax and tfds are chatty at INFO
   del argv
-  import gin  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -53,9 +52,7 @@ def main(argv):
   from adacomp.training import make_eval_step  # pylint: disable=g-import-not-at-top
 
   try:
-    _, meta = checkpointing.read_meta(FLAGS.checkpoint_dir)
-    gin_utils.parse([], [], finalize=False)
-    gin.parse_config(meta["gin_config"])
+    gin_utils.parse_checkpoint_config(FLAGS.checkpoint_dir)
     decoder, base_params, _, _ = decoding.load_checkpoint_for_decoding(FLAGS.checkpoint_dir)
     finetuned = {float(k): v for k, v in
                  (item.split(":", 1) for item in FLAGS.finetuned.split(",") if item)}

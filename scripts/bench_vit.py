@@ -38,15 +38,11 @@ FLAGS = flags.FLAGS
 
 def _load(workdir):
   """(model, params, summary of the exact model, dataset) of a checkpoint, from its own gin."""
-  import gin  # pylint: disable=g-import-not-at-top
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from adacomp import checkpointing, gin_utils, sharding, tasks  # pylint: disable=g-import-not-at-top
   from adacomp.training import make_eval_step  # pylint: disable=g-import-not-at-top
-  gin.clear_config()
-  step, meta = checkpointing.read_meta(workdir)
-  gin_utils.parse([], [], finalize=False)
-  gin.parse_config(meta["gin_config"])
+  step, _ = gin_utils.parse_checkpoint_config(workdir)
   task = tasks.make_task("image_classification")
   data = task.dataset(FLAGS.split, batch_size=64, train=False)
   model = task.build_model(data)

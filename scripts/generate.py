@@ -32,16 +32,13 @@ def main(argv):
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax and tfds are chatty at INFO
   del argv
-  import gin  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from adacomp import checkpointing, decoding, gin_utils, skip_schedule  # pylint: disable=g-import-not-at-top
+  from adacomp import decoding, gin_utils, skip_schedule  # pylint: disable=g-import-not-at-top
 
   try:
-    _, meta = checkpointing.read_meta(FLAGS.checkpoint_dir)
-    gin_utils.parse([], [], finalize=False)
-    gin.parse_config(meta["gin_config"])
+    gin_utils.parse_checkpoint_config(FLAGS.checkpoint_dir)
     decoder, params, tokenizer, meta = decoding.load_checkpoint_for_decoding(FLAGS.checkpoint_dir)
   except ValueError as e:
     print(f"ERROR: {e}", file=sys.stderr)

@@ -28,47 +28,22 @@ import dataclasses
 import json
 import math
 import os
-import sys
-import time
 from typing import Optional, Sequence
 
 import flax
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adacomp import checkpointing
 from adacomp import data as data_lib
-from adacomp import evaluation
 from adacomp import gin_utils
+from adacomp.metrics import ProgressBar
 from adacomp.analysis import oracle as oracle_lib
 from layers.duo import BIG, SKIP, SMALL, DuoFFN
 from layers.mlp import ffn_macs
 
 ROUTE_NAMES = {SKIP: "skip", SMALL: "small", BIG: "big"}
-
-
-class ProgressBar:
-  """`[#####.....] label 32/81 | 12.3s | eta 20s` on one line (a new line when not a tty)."""
-
-  def __init__(self, label: str, stream=sys.stdout):
-    self.label, self.stream, self.start = label, stream, time.time()
-    self.tty = getattr(stream, "isatty", lambda: False)()
-    self._last = -1.0
-
-  def __call__(self, done: int, total: int) -> None:
-    elapsed = time.time() - self.start
-    if not self.tty and done < total and elapsed - self._last < 5.0:
-      return  # logs get a line every 5 s, terminals every update
-    self._last = elapsed
-    frac = done / max(total, 1)
-    eta = elapsed / max(done, 1) * (total - done)
-    bar = "#" * int(20 * frac) + "." * (20 - int(20 * frac))
-    end = "\r" if self.tty and done < total else "\n"
-    print(f"[{bar}] {self.label} {done}/{total} | {elapsed:.1f}s | eta {eta:.0f}s", end=end,
-          file=self.stream, flush=True)
 
 
 @dataclasses.dataclass
@@ -93,13 +68,10 @@ class DuoModel:
 def load_duo(checkpoint_dir: str, bindings: Sequence[str] = (), step: Optional[int] = None
              ) -> DuoModel:
   """The model and params of a Duo checkpoint, rebuilt from the gin config saved with it."""
-  from adacomp.training import build_decoder  # pylint: disable=g-import-not-at-top
-  step, meta = checkpointing.read_meta(checkpoint_dir, step)
-  gin.clear_config()
-  gin_utils.parse([], [], finalize=False)
-  gin.parse_config(meta["gin_config"])
-  gin_utils.parse([], list(bindings), finalize=False)
-  model = build_decoder(meta["vocab_size"])
+  from adacomp.training import load_decoder  # pylint: disable=g-import-not-at-top
+  step, meta = gin_utils.parse_checkpoint_config(checkpoint_dir, step,
+                                                 gin_bindings=list(bindings))
+  model, params = load_decoder(checkpoint_dir, meta, step)
   ffn_cls = model.config.ffn_cls
   func = getattr(ffn_cls, "func", ffn_cls)
   if not (isinstance(func, type) and issubclass(func, DuoFFN)):
@@ -107,11 +79,6 @@ def load_duo(checkpoint_dir: str, bindings: Sequence[str] = (), step: Optional[i
         f"{checkpoint_dir} is not a Duo-LLM checkpoint: its FFN is {func!r}, not DuoFFN. Train "
         f"one with `python train.py --gin_file=configs/duo.gin --workdir=...`.")
   ffn = ffn_cls(d_ff=model.config.d_ff)
-  seq_len = meta["seq_len"]
-  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0),
-                                               jnp.zeros((1, seq_len), jnp.int32)))["params"]
-  abstract = flax.core.meta.unbox(abstract)
-  params = checkpointing.restore_params(checkpoint_dir, abstract, step=step)
   return DuoModel(model, params, meta, step, ffn)
 
 

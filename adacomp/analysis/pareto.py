@@ -36,7 +36,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adacomp import checkpointing
 from adacomp import gin_utils
 
 
@@ -65,12 +64,8 @@ def parse_entry(spec: str, reference: bool = False) -> Entry:
 
 def configure(entry: Entry, step: Optional[int] = None):
   """Parses the entry's saved gin config plus its bindings; returns (step, meta)."""
-  step, meta = checkpointing.read_meta(entry.checkpoint_dir, step)
-  gin.clear_config()
-  gin_utils.parse([], [], finalize=False)
-  gin.parse_config(meta["gin_config"])
-  gin_utils.parse([], list(entry.bindings), finalize=False)
-  return step, meta
+  return gin_utils.parse_checkpoint_config(entry.checkpoint_dir, step,
+                                          gin_bindings=list(entry.bindings))
 
 
 def _task_of(meta) -> str:
@@ -94,15 +89,10 @@ def _lm_timer(entry: Entry, batch_size: int, prompt_len: int):
   """(fn, args, kind) timing the entry's inference path; kind 'forward' or 'generate'."""
   from adacomp import data as data_lib  # pylint: disable=g-import-not-at-top
   from adacomp import decoding, skip_schedule  # pylint: disable=g-import-not-at-top
-  from adacomp.training import build_decoder  # pylint: disable=g-import-not-at-top
+  from adacomp.training import load_decoder  # pylint: disable=g-import-not-at-top
   step, meta = configure(entry)
   seq_len = meta["seq_len"]
-  model = build_decoder(meta["vocab_size"])
-  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0),
-                                               jnp.zeros((1, seq_len), jnp.int32)))["params"]
-  import flax  # pylint: disable=g-import-not-at-top
-  params = checkpointing.restore_params(entry.checkpoint_dir, flax.core.meta.unbox(abstract),
-                                        step=step)
+  model, params = load_decoder(entry.checkpoint_dir, meta, step)
   data = data_lib.lm_dataset("validation", batch_size=batch_size, seq_len=seq_len, train=False,
                              eval_max_batches=1)
   inputs = jnp.asarray(next(iter(data))["inputs"])
@@ -152,7 +142,7 @@ def run_pareto(entries: Sequence[Entry], output_dir: str, *, split: str = "valid
                prompt_len: int = 32, image_bench: Optional[str] = None, plots: bool = True,
                verbose: bool = True) -> dict:
   """Evaluates and times every entry; writes pareto.json (+ pareto.png). Returns the table."""
-  from adacomp.analysis.duo_analysis import ProgressBar  # pylint: disable=g-import-not-at-top
+  from adacomp.metrics import ProgressBar  # pylint: disable=g-import-not-at-top
   say = print if verbose else (lambda *a, **k: None)
   if not entries:
     raise ValueError("No entries: pass at least the dense reference, e.g. "

@@ -3,10 +3,9 @@ import json
 import os
 
 import gin
-import numpy as np
 import pytest
 
-from adacomp import checkpointing, evaluator, training
+from adacomp import evaluator, gin_utils, training
 from adacomp.analysis import duo_analysis
 from tests.adacomp.conftest import configure
 
@@ -21,11 +20,7 @@ def _train(corpus, workdir, *bindings):
 
 
 def _evaluate(workdir, *bindings):
-  step, meta = checkpointing.read_meta(str(workdir))
-  gin.clear_config()
-  gin.parse_config(meta["gin_config"])
-  for b in bindings:
-    gin.parse_config(b)
+  step, meta = gin_utils.parse_checkpoint_config(str(workdir), gin_bindings=bindings)
   return evaluator.evaluate_checkpoint(str(workdir), meta, step, output=os.devnull)
 
 
