@@ -1,7 +1,7 @@
 """Batched autoregressive generation with a KV cache and SkipDecode layer skipping.
 
 The prompt is prefilled through every layer; each later step runs only the layers its position's
-schedule allows (`adacomp.skip_schedule`): the warm-up bottom layers, then the top ones, over
+schedule allows (`adacomp.methods.skipdecode.schedule`): the warm-up bottom layers, then the top ones, over
 the stacked block parameters with loop bounds that are data (`lax.fori_loop` with dynamic
 bounds compiles to a while loop), so skipped layers cost nothing. The schedule's monotonicity
 means every cache entry a step reads was written earlier; no cache entry is ever rewritten
@@ -193,7 +193,7 @@ def load_checkpoint_for_decoding(checkpoint_dir: str, step: Optional[int] = None
   """
   from adacomp import checkpointing  # pylint: disable=g-import-not-at-top
   from adacomp import data as data_lib  # pylint: disable=g-import-not-at-top
-  from adacomp.training import load_decoder  # pylint: disable=g-import-not-at-top
+  from adacomp.models.build import load_decoder  # pylint: disable=g-import-not-at-top
   step, meta = checkpointing.read_meta(checkpoint_dir, step)
   model, params = load_decoder(checkpoint_dir, meta, step)
   return Decoder(model.config), params, data_lib.get_tokenizer(), {**meta, "step": step}

@@ -1,84 +1,66 @@
-"""Evaluation shared by training's periodic eval and `eval.py` (language models, classifiers).
+"""Evaluates a saved checkpoint: rebuilds the model from the gin config stored with it."""
+import json
+from typing import Optional
 
-Sums are accumulated per batch on device and in float64 on the host, so the same params and the
-same split give the same numbers whichever entry point asks.
-"""
-import math
-from typing import Callable, Iterable
-
+import gin
 import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
+import flax.linen as nn
+from etils import epath
 
-LN2 = math.log(2.0)
-
-
-def token_sums(logits, batch):
-  """Weighted sums over a batch: nats, weights, correct predictions and target bytes."""
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
-                                                           batch["targets"])
-  w = batch["weights"].astype(jnp.float32)
-  correct = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
-  return {
-      "nats": jnp.sum(losses * w),
-      "weights": jnp.sum(w),
-      "correct": jnp.sum(correct * w),
-      "bytes": jnp.sum(batch["target_bytes"].astype(jnp.float32) * w),
-  }
+from adacomp import checkpointing
+from adacomp import kernels
+from adacomp import sharding
+from adacomp import tasks
+from adacomp.metrics import ProgressBar
+from adacomp.models.build import restore_sharded
+from adacomp.training import make_eval_step
 
 
-def classification_sums(logits, batch):
-  """Weighted sums over a batch of images: nats, weights (images) and correct top-1."""
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
-                                                           batch["targets"])
-  w = batch["weights"].astype(jnp.float32)
-  correct = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
-  return {"nats": jnp.sum(losses * w), "weights": jnp.sum(w), "correct": jnp.sum(correct * w)}
+def report_name(split: str, step: int, eval_batches: Optional[int]) -> str:
+  """The report's file name says what was evaluated, so a whole-split evaluation never
+  overwrites a 32-batch one: eval_validation_step600_32batches.json, ..._all.json."""
+  what = "all" if eval_batches is None else f"{eval_batches}batches"
+  return f"eval_{split}_step{step}_{what}.json"
 
 
-def summarize_classification(sums: dict, dense_macs_per_image=None) -> dict:
-  """Loss, top-1 accuracy, MACs per image, compute fraction of the dense model (when its MACs
-  are given) and the mean kept token fraction of each pruning stage."""
-  images = max(sums["weights"], 1.0)
-  summary = {"loss": sums["nats"] / images, "accuracy": sums["correct"] / images,
-             "num_images": sums["weights"]}
-  if "macs" in sums:
-    summary["macs_per_image"] = sums["macs"] / images
-    if dense_macs_per_image:
-      summary["compute_fraction"] = summary["macs_per_image"] / dense_macs_per_image
-  for key in sums:
-    if key.startswith("kept_stage"):
-      summary[key] = sums[key] / images
-  return summary
+@gin.configurable(denylist=["checkpoint_dir", "meta", "step"])
+def evaluate_checkpoint(checkpoint_dir: str, meta: dict, step: int, *,
+                        split: str = "validation", batch_size: Optional[int] = None,
+                        seq_len: Optional[int] = None, eval_batches: Optional[int] = -1,
+                        output: Optional[str] = None) -> dict:
+  """Loss, perplexity, bits per byte, token accuracy and MACs/token of a language model (top-1,
+  compute fraction and images/s of an image classifier) on a split.
 
-
-def summarize(sums: dict) -> dict:
-  """Loss, perplexity, bits per byte and token accuracy from accumulated sums."""
-  weights = max(sums["weights"], 1.0)
-  loss = sums["nats"] / weights
-  summary = {
-      "loss": loss,
-      "perplexity": math.exp(min(loss, 700.0)),
-      "bits_per_byte": sums["nats"] / LN2 / max(sums["bytes"], 1.0),
-      "token_accuracy": sums["correct"] / weights,
-      "num_tokens": sums["weights"],
-  }
-  if "macs" in sums:
-    summary["macs_per_token"] = sums["macs"] / weights
-  return summary
-
-
-def evaluate(eval_step: Callable, params, batches: Iterable[dict], to_device: Callable,
-             progress: Callable[[int], None] = lambda i: None,
-             summarize_fn: Callable[[dict], dict] = summarize) -> dict:
-  """Runs `eval_step(params, batch) -> sums` over `batches` and summarises."""
-  totals = None
-  for i, batch in enumerate(batches):
-    sums = jax.device_get(eval_step(params, to_device(batch)))
-    sums = {k: np.float64(v) for k, v in sums.items()}
-    totals = sums if totals is None else {k: totals[k] + sums[k] for k in totals}
-    progress(i + 1)
-  if totals is None:
-    raise ValueError("The evaluation split yielded no batches; check the dataset and split.")
-  return summarize_fn(totals)
+  Defaults repeat the training run's own evaluation (its batch size, sequence length and
+  number of batches), so the figure matches the validation loss training reported.
+  `eval_batches=None` (eval.py: `--eval_batches=all`) evaluates the whole split. The task is
+  the run's `train.task`.
+  """
+  kernels.configure_kernels()
+  task_name = meta.get("task", "lm")
+  batch_size = batch_size or meta["batch_size"]
+  seq_len = seq_len or meta.get("seq_len")
+  eval_batches = meta.get("eval_batches") if eval_batches == -1 else eval_batches
+  mesh = sharding.make_mesh()
+  rules = sharding.logical_axis_rules()
+  task = tasks.make_task(task_name, seq_len=seq_len)
+  data = task.dataset(split, batch_size=batch_size, train=False, eval_max_batches=eval_batches)
+  model = task.build_model(data)
+  bar = ProgressBar(f"eval {split}")
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    params = restore_sharded(checkpoint_dir, model, task.init_inputs(1), mesh, rules, step)
+    summary = task.evaluate(jax.jit(make_eval_step(model, task=task)), params, data,
+                            lambda b: sharding.global_batch(b, mesh),
+                            progress=lambda i: bar(i, eval_batches))
+  bar.close()
+  report = {"checkpoint_dir": str(checkpoint_dir), "step": step, "split": split,
+            "batch_size": batch_size, **({"seq_len": seq_len} if task_name == "lm" else {}),
+            "eval_batches": eval_batches, "task": task_name, **summary}
+  report["summary_line"] = task.describe(summary)
+  if output is None:
+    output = str(checkpointing.checkpoint_root(checkpoint_dir).parent /
+                 report_name(split, step, eval_batches))
+  if jax.process_index() == 0:
+    epath.Path(output).write_text(json.dumps(report, indent=2))
+  report["output"] = output
+  return report

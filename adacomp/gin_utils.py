@@ -1,25 +1,31 @@
 """Parsing `--gin_file` / `--gin_bindings` the t5x way, with errors that say what to fix.
 
-Every module that registers configurables is imported here first, so a config may name any of
-them. Includes resolve against the current directory and the repository root, so
-`include 'configs/sizes/tiny.gin'` works from anywhere.
+The core's own configurables (training, data, checkpointing, sharding, kernels, evaluation,
+models) are registered by importing this module; the methods' configurables are registered by
+`adacomp.methods.registry`, which only the entry points (train.py, eval.py, scripts/) import, so
+the core never imports a method.
+
+Search paths, in order: the current directory, every `--gin_search_paths` entry, the repository
+root and its `configs/` folder. So `--gin_file=configs/duo.gin`, `--gin_file=duo.gin` and
+`include 'configs/dense.gin'` inside a config all work from any directory.
 """
+import importlib.util
 import os
 from typing import Optional, Sequence
 
 import gin
+from gin import config as gin_config
 
-# Registration side effects: each of these defines gin configurables.
+# Registration side effects: each of these defines gin configurables of the core.
 from adacomp import checkpointing  # pylint: disable=unused-import
 from adacomp import data  # pylint: disable=unused-import
-from adacomp import duo_config  # pylint: disable=unused-import
-from adacomp import tokenformer_config  # pylint: disable=unused-import
-from adacomp import routing_config  # pylint: disable=unused-import
-from adacomp import evaluator  # pylint: disable=unused-import
+from adacomp import evaluation  # pylint: disable=unused-import
 from adacomp import kernels  # pylint: disable=unused-import
 from adacomp import sharding  # pylint: disable=unused-import
+from adacomp import tasks  # pylint: disable=unused-import
 from adacomp import training  # pylint: disable=unused-import
 from adacomp.models import decoder  # pylint: disable=unused-import
+from adacomp.models import vit  # pylint: disable=unused-import
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS_DIR = os.path.join(REPO_ROOT, "configs")
@@ -29,23 +35,75 @@ class GinConfigError(ValueError):
   """A gin file or binding that cannot be parsed or does not match a configurable."""
 
 
-def resolve_gin_file(path: str) -> str:
-  for candidate in (path, os.path.join(REPO_ROOT, path), os.path.join(CONFIGS_DIR, path)):
+def _safe_readers() -> None:
+  """gin's package-path reader raises TypeError (not False) for a relative include such as
+  'configs/dense.gin' when a namespace package named `configs` is importable (the repository on
+  sys.path, run from another directory); make it answer "not here" so the search goes on."""
+  fixed = []
+  for reader, exists in gin_config._FILE_READERS:  # pylint: disable=protected-access
+    if getattr(exists, "_adacomp_safe", False) or exists is os.path.isfile:
+      fixed.append((reader, exists))
+      continue
+
+    def safe(path, _exists=exists):
+      # Ask the package reader only about paths under a real (non-namespace) package; it logs
+      # an ERROR line for every other path it is asked about.
+      head = os.path.dirname(path).replace("/", ".")
+      try:
+        spec = importlib.util.find_spec(head) if head and not head.startswith(".") else None
+      except (ImportError, ValueError):
+        spec = None
+      if spec is None or spec.origin is None:
+        return False
+      try:
+        return _exists(path)
+      except (TypeError, ValueError, ImportError):
+        return False
+
+    safe._adacomp_safe = True  # pylint: disable=protected-access
+    fixed.append((reader, safe))
+  gin_config._FILE_READERS[:] = fixed  # pylint: disable=protected-access
+
+
+def search_paths(extra: Sequence[str] = ()) -> list:
+  return [os.getcwd(), *[os.path.abspath(p) for p in extra], REPO_ROOT, CONFIGS_DIR]
+
+
+def available_configs() -> list:
+  """Every gin file under configs/, relative to the repository root."""
+  return sorted(os.path.relpath(os.path.join(d, f), REPO_ROOT)
+                for d, _, files in os.walk(CONFIGS_DIR) for f in files if f.endswith(".gin"))
+
+
+def resolve_gin_file(path: str, extra_search_paths: Sequence[str] = ()) -> str:
+  if os.path.isabs(path) and os.path.isfile(path):
+    return path
+  for root in search_paths(extra_search_paths):
+    candidate = os.path.join(root, path)
     if os.path.isfile(candidate):
       return candidate
-  available = sorted(os.path.relpath(os.path.join(d, f), REPO_ROOT)
-                     for d, _, files in os.walk(CONFIGS_DIR) for f in files if f.endswith(".gin"))
   raise GinConfigError(
-      f"Gin file {path!r} not found (looked in the current directory and {REPO_ROOT}). "
-      f"Available configs: {', '.join(available)}.")
+      f"Gin file {path!r} not found (looked in {', '.join(search_paths(extra_search_paths))}). "
+      f"Available configs: {', '.join(available_configs())}.")
+
+
+def _add_search_paths(extra: Sequence[str]) -> None:
+  _safe_readers()
+  present = set(gin_config._LOCATION_PREFIXES)  # pylint: disable=protected-access
+  for path in search_paths(extra):
+    if path not in present:
+      gin.add_config_file_search_path(path)
+      present.add(path)
 
 
 def parse(gin_files: Sequence[str], gin_bindings: Sequence[str] = (),
-          finalize: bool = True) -> None:
-  """Parses files, then bindings (later ones win), turning gin's errors into GinConfigError."""
-  for search_path in (os.getcwd(), REPO_ROOT):
-    gin.add_config_file_search_path(search_path)
-  files = [resolve_gin_file(f) for f in gin_files]
+          finalize: bool = True, search: Sequence[str] = ()) -> None:
+  """Parses files, then bindings (later ones win), turning gin's errors into GinConfigError.
+
+  `search`: extra directories for gin files and their includes (`--gin_search_paths`).
+  """
+  _add_search_paths(search)
+  files = [resolve_gin_file(f, search) for f in gin_files]
   for f in files:
     try:
       gin.parse_config_file(f)
@@ -76,3 +134,4 @@ def parse_checkpoint_config(checkpoint_dir: str, step: Optional[int] = None,
   gin.parse_config(meta["gin_config"])
   parse(gin_files, gin_bindings, finalize=finalize)
   return step, meta
+

@@ -10,6 +10,7 @@ import time
 from typing import Optional
 
 import jax
+import tqdm
 from etils import epath
 
 
@@ -21,24 +22,28 @@ def _format_duration(seconds: float) -> str:
 
 
 class ProgressBar:
-  """`[#####.....] label 32/81 | 12.3s | eta 20s` on one line (a new line when not a tty)."""
+  """A tqdm bar driven by `bar(done, total)` calls (total None: unknown); closes at the end.
+
+  In a terminal it redraws in place; in a log (not a tty) it writes a line at most every 5 s.
+  """
 
   def __init__(self, label: str, stream=sys.stdout):
-    self.label, self.stream, self.start = label, stream, time.time()
+    self.label, self.stream = label, stream
     self.tty = getattr(stream, "isatty", lambda: False)()
-    self._last = -1.0
+    self._bar = None
 
-  def __call__(self, done: int, total: int) -> None:
-    elapsed = time.time() - self.start
-    if not self.tty and done < total and elapsed - self._last < 5.0:
-      return  # logs get a line every 5 s, terminals every update
-    self._last = elapsed
-    frac = done / max(total, 1)
-    eta = elapsed / max(done, 1) * (total - done)
-    bar = "#" * int(20 * frac) + "." * (20 - int(20 * frac))
-    end = "\r" if self.tty and done < total else "\n"
-    print(f"[{bar}] {self.label} {done}/{total} | {elapsed:.1f}s | eta {eta:.0f}s", end=end,
-          file=self.stream, flush=True)
+  def __call__(self, done: int, total: Optional[int]) -> None:
+    if self._bar is None:
+      self._bar = tqdm.tqdm(total=total, desc=self.label, file=self.stream, leave=True,
+                            mininterval=0.1 if self.tty else 5.0, dynamic_ncols=self.tty)
+    self._bar.update(done - self._bar.n)
+    if total is not None and done >= total:
+      self.close()
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+      self._bar = None
 
 
 class MetricWriter:
@@ -76,7 +81,7 @@ class MetricWriter:
     for key, fmt in (("loss", "{:.4f}"), ("bits_per_byte", "bpb {:.3f}"),
                      ("accuracy", "acc {:.3f}"), ("tokens_per_s", "{:,.0f} tok/s"),
                      ("images_per_s", "{:,.0f} img/s"), ("step_ms", "{:.1f} ms/step"),
-                     ("mfu", "MFU {:.1%}")):
+                     ("tflops_per_s", "{:.3g} TFLOP/s"), ("mfu", "MFU {:.1%}")):
       if key in scalars and scalars[key] is not None:
         parts.append(("loss {:.4f}" if key == "loss" else fmt).format(scalars[key]))
     parts.append(f"eta {_format_duration(eta)}")

@@ -1,6 +1,6 @@
-"""What the shared training loop and evaluator need to know about a task (`train.task`).
+"""What the shared training loop and evaluation need to know about a task (`train.task`).
 
-`training.train` and `evaluator.evaluate_checkpoint` are task-agnostic; a task object supplies
+`training.train` and `evaluation.evaluate_checkpoint` are task-agnostic; a task object supplies
 the per-task pieces:
 
   check()                     configuration errors found before any work starts
@@ -19,19 +19,34 @@ Two tasks: 'lm' (next-token prediction, the default; behaviour unchanged from be
 existed) and 'image_classification' (ViT on image datasets).
 """
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import flax
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from adacomp import data as data_lib
-from adacomp import evaluation
-from adacomp import skip_schedule
+from adacomp import scoring
+from adacomp.models import build
+from adacomp.models import decoder as decoder_lib
 from adacomp.models import vit as vit_lib
 
 TASKS = ("lm", "image_classification")
+
+
+@gin.configurable
+def position_layer_mask(seq_len: int, num_layers: int, *,
+                        fn: Optional[Callable[[int, int], np.ndarray]] = None
+                        ) -> Optional[np.ndarray]:
+  """Bool [num_layers, seq_len]: which layers run at each position, or None (every layer).
+
+  A method's hook into the shared language-model task: SkipDecode binds
+  `position_layer_mask.fn = @layer_mask_for_training` (adacomp/methods/skipdecode), so training
+  and evaluation run each position on its scheduled layers only. The core never imports it.
+  """
+  return None if fn is None else fn(seq_len, num_layers)
 
 
 class LanguageModeling:
@@ -43,8 +58,7 @@ class LanguageModeling:
     self.seq_len, self.model_config, self.layer_mask = seq_len, model_config, layer_mask
 
   def check(self) -> None:
-    from adacomp.models.decoder import DecoderConfig  # pylint: disable=g-import-not-at-top
-    cfg = DecoderConfig() if self.model_config is None else self.model_config
+    cfg = decoder_lib.DecoderConfig() if self.model_config is None else self.model_config
     if self.seq_len > cfg.max_len:
       raise ValueError(
           f"train.seq_len={self.seq_len} exceeds the model's DecoderConfig.max_len="
@@ -55,9 +69,8 @@ class LanguageModeling:
                                seed=seed, eval_max_batches=eval_max_batches)
 
   def build_model(self, data):
-    from adacomp.training import build_decoder  # pylint: disable=g-import-not-at-top
-    model = build_decoder(data.tokenizer.vocab_size, self.model_config)
-    self.layer_mask = skip_schedule.layer_mask_for_training(self.seq_len, model.config.num_layers)
+    model = build.build_decoder(data.tokenizer.vocab_size, self.model_config)
+    self.layer_mask = position_layer_mask(self.seq_len, model.config.num_layers)
     return model
 
   def init_inputs(self, rows: int):
@@ -68,22 +81,21 @@ class LanguageModeling:
     return {"layer_mask": self.layer_mask}
 
   def batch_sums(self, logits, batch):
-    return evaluation.token_sums(logits, batch)
+    return scoring.token_sums(logits, batch)
 
   def compute_sums(self, intermediates, batch) -> dict:
-    from adacomp.training import macs_per_token  # pylint: disable=g-import-not-at-top
-    macs = macs_per_token(intermediates, batch["inputs"].shape, self.layer_mask)
+    macs = scoring.macs_per_token(intermediates, batch["inputs"].shape, self.layer_mask)
     return {"macs": jnp.sum(macs * batch["weights"])}
 
   def step_metrics(self, sums) -> dict:
-    return {"bits_per_byte": sums["nats"] / evaluation.LN2 / jnp.maximum(sums["bytes"], 1.0),
+    return {"bits_per_byte": sums["nats"] / scoring.LN2 / jnp.maximum(sums["bytes"], 1.0),
             "tokens": sums["weights"]}
 
   def evaluate(self, eval_step, params, batches, to_device, progress=lambda i: None):
-    return evaluation.evaluate(eval_step, params, batches, to_device, progress)
+    return scoring.evaluate(eval_step, params, batches, to_device, progress)
 
   def summarize(self, sums) -> dict:
-    return evaluation.summarize(sums)
+    return scoring.summarize(sums)
 
   def eval_line(self, summary) -> str:
     return (f"loss {summary['loss']:.4f} | bits/byte {summary['bits_per_byte']:.4f} | "
@@ -136,7 +148,7 @@ class ImageClassification:
     return {"train": True} if train else {}
 
   def batch_sums(self, logits, batch):
-    return evaluation.classification_sums(logits, batch)
+    return scoring.classification_sums(logits, batch)
 
   def compute_sums(self, intermediates, batch) -> dict:
     """Weighted sums of per-image MACs and of each stage's kept token fraction."""
@@ -165,14 +177,14 @@ class ImageClassification:
       counts.append(float(np.sum(batch["weights"])))
       return sums
 
-    summary = evaluation.evaluate(timed, params, batches, to_device, progress,
+    summary = scoring.evaluate(timed, params, batches, to_device, progress,
                                   summarize_fn=self.summarize)
     if len(times) > 1:
       summary["images_per_s"] = sum(counts[1:]) / max(sum(times[1:]), 1e-9)
     return summary
 
   def summarize(self, sums) -> dict:
-    return evaluation.summarize_classification(sums, self.dense_macs)
+    return scoring.summarize_classification(sums, self.dense_macs)
 
   def describe(self, summary) -> str:
     line = (f"loss {summary['loss']:.4f} | top-1 {summary['accuracy']:.4f} | compute "

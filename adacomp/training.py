@@ -12,11 +12,10 @@ collection (router, budget and distillation terms of the adaptive methods).
 'image_classification' (ViT); the per-task pieces (data, model, batch sums, summaries) live in
 `adacomp.tasks`, the loop itself is shared.
 """
-import dataclasses
 import math
 import re
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import flax
 import flax.linen as nn
@@ -32,7 +31,7 @@ from adacomp import kernels
 from adacomp import metrics as metrics_lib
 from adacomp import sharding
 from adacomp import tasks
-from adacomp.models.decoder import DecoderConfig, DecoderLM
+from adacomp.models.decoder import DecoderConfig
 
 RNG_STREAMS = ("dropout", "routing")
 
@@ -113,54 +112,10 @@ def trainable_mask(tx_trainable: Optional[str], params):
       {tuple(k.split("/")): bool(pattern.search(k)) for k in flat})
 
 
-def build_decoder(vocab_size: int, config: Optional[DecoderConfig] = None,
-                  decode: bool = False) -> DecoderLM:
-  """The gin-configured decoder, with the tokenizer's vocabulary unless the config fixes one."""
-  config = DecoderConfig() if config is None else config
-  if config.vocab_size is None:
-    config = dataclasses.replace(config, vocab_size=vocab_size)
-  elif config.vocab_size < vocab_size:
-    raise ValueError(f"DecoderConfig.vocab_size={config.vocab_size} is smaller than the "
-                     f"tokenizer's {vocab_size} ids; remove the binding or raise it.")
-  return DecoderLM(config, decode=decode)
-
-
-def load_decoder(checkpoint_dir: str, meta: dict, step: int):
-  """(model, params) of a language-model checkpoint whose gin config is parsed already
-  (`gin_utils.parse_checkpoint_config`); `meta` and `step` as that returns them."""
-  model = build_decoder(meta["vocab_size"])
-  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
-  abstract = sharding.strip_boxes(boxed["params"])
-  return model, checkpointing.restore_params(checkpoint_dir, abstract, step=step)
-
-
 def sum_sown(tree) -> jax.Array:
   """Sum of every scalar sown into a collection (losses), 0.0 when there are none."""
   leaves = jax.tree.leaves(tree)
   return sum((jnp.sum(x) for x in leaves), jnp.zeros((), jnp.float32))
-
-
-def macs_per_token(intermediates, shape, layer_mask=None) -> jax.Array:
-  """Adds up every sown `macs` array into one [batch, length] array.
-
-  With a layer mask (SkipDecode schedules), a block's MACs count only at the tokens for which
-  the block is active: what the schedule spends at inference, although the masked training
-  forward pass computes every layer.
-  """
-  total = jnp.zeros(shape, jnp.float32)
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(intermediates))
-  mask = None if layer_mask is None else jnp.asarray(layer_mask, jnp.float32)
-  for path, values in flat.items():
-    if path[-1] != "macs":
-      continue
-    for v in values:
-      if mask is not None and path[0] == "blocks":  # scanned: [layers, batch, length]
-        v = v * (mask[:, None, :] if mask.ndim == 2 else mask)
-      elif mask is not None and path[0].startswith("block_"):
-        layer = mask[int(path[0].split("_")[1])]
-        v = v * layer
-      total = total + jnp.sum(v.reshape((-1,) + shape), axis=0)
-  return total
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, seed: int,
@@ -271,13 +226,22 @@ def count_params(tree) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
+@gin.configurable
+def stage_input(stage: str = gin.REQUIRED):
+  """A stage config's `train.init_checkpoint = @stage_input()`: called only when the user did not
+  pass the earlier stage's workdir, it says which one to pass."""
+  raise ValueError(
+      f"train.init_checkpoint is required by this stage config: pass the --workdir of {stage}, "
+      f"as --gin_bindings=\"train.init_checkpoint='/path/to/that/workdir'\".")
+
+
 @gin.configurable(denylist=["workdir"])
 def train(workdir: str, *, num_steps: int = gin.REQUIRED, batch_size: int = 16,
           seq_len: int = 256, seed: int = 0, log_every: int = 50, eval_every: int = 500,
           eval_batches: Optional[int] = 32, peak_flops_per_device: Optional[float] = None,
           model_config: Optional[DecoderConfig] = None,
           init_checkpoint: Optional[str] = None, task_loss_weight: float = 1.0,
-          task: str = "lm") -> dict:
+          task: str = "lm", profile_steps: Optional[Tuple[int, int]] = None) -> dict:
   """Trains the gin-configured model in `workdir`; returns the final evaluation summary.
 
   `init_checkpoint` (a workdir or its checkpoints/ folder) starts a new run from another run's
@@ -287,6 +251,9 @@ def train(workdir: str, *, num_steps: int = gin.REQUIRED, batch_size: int = 16,
   losses alone, e.g. distillation stages); `make_optimizer.trainable` freezes parameters.
   `task`: 'lm' or 'image_classification' (adacomp.tasks); `seq_len` and `model_config` (a
   DecoderConfig) are language-model settings, the ViT is configured through ViTConfig.
+  `profile_steps=(start, stop)` writes a jax.profiler trace of steps start..stop-1 into
+  `<workdir>/profile` (open it with TensorBoard's profile plugin or Perfetto).
+  The returned summary also names the run's `checkpoint_dir`.
   """
   workdir_path = checkpointing.ensure_writable(workdir)
   kernels.configure_kernels()
@@ -355,16 +322,29 @@ def train(workdir: str, *, num_steps: int = gin.REQUIRED, batch_size: int = 16,
       return summary
 
     compiled_step, flops_per_step = None, None
+    # Timing bookkeeping: a window runs from one progress line to the next. Steps are dispatched
+    # asynchronously, so the window's wall time is only meaningful once its metrics have been
+    # fetched (device_get below waits for them); evaluation and checkpointing inside a window are
+    # timed separately (`paused`) and subtracted, so ms/step and TFLOP/s measure training alone.
     pending, window_start, window_steps, paused = [], time.time(), 0, 0.0
     summary = None
     step = start_step
+    profile_dir = str(workdir_path / "profile")
     for step in range(start_step + 1, num_steps + 1):
       batch = sharding.global_batch(next(train_iter), mesh)
       if compiled_step is None:
+        # Compile outside the first window, so that window's ms/step is not the compile time.
         compiled_step = step_fn.lower(state, batch).compile()
         flops_per_step = _flops(compiled_step)
         window_start = time.time()
+      if profile_steps and step == profile_steps[0]:
+        jax.profiler.start_trace(profile_dir)
       state, step_metrics = compiled_step(state, batch)
+      if profile_steps and step == profile_steps[1] - 1:
+        jax.block_until_ready(state)
+        jax.profiler.stop_trace()
+        print(f"  profile of steps {profile_steps[0]}..{step} written to {profile_dir} "
+              f"(tensorboard --logdir {profile_dir})", flush=True)
       pending.append(step_metrics)
       window_steps += 1
       last = step == num_steps
@@ -399,4 +379,4 @@ def train(workdir: str, *, num_steps: int = gin.REQUIRED, batch_size: int = 16,
     manager.close()
     writer.close()
   logging.info("Training finished at step %d", step)
-  return summary
+  return dict(summary, checkpoint_dir=str(manager.directory))

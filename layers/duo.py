@@ -67,7 +67,6 @@ the gather path's unused capacity slots are not charged to any token.
 Parameters: `wi`, `wo` (the big FFN, named like `DenseFFN`'s so a dense checkpoint maps onto
 it), `wi_small`, `wo_small`, and `router/...`; float32 with logical axis names.
 """
-import math
 from typing import Optional, Tuple
 
 import flax.linen as nn
@@ -77,6 +76,7 @@ from jax.typing import DTypeLike
 
 import pallas_kernels
 from layers.mlp import activation_fn, feed_forward, ffn_macs
+from layers.selection import capacity_tokens, first_by_priority, straight_through_zero
 
 SKIP, SMALL, BIG = 0, 1, 2
 NUM_ROUTES = 3
@@ -109,31 +109,6 @@ class DuoRouter(nn.Module):
     return d_model * self.hidden + self.hidden * NUM_ROUTES
 
 
-def capacity_tokens(fraction: Optional[float], num_tokens: int) -> int:
-  """Static slots for a capacity fraction of `num_tokens`, rounded up (None: all tokens).
-
-  Rounding to 6 decimals first keeps float noise (0.3 * 10 = 3.0000000000000004) from adding a
-  slot; rounding up keeps a positive capacity from vanishing on a one-token decoding step.
-  """
-  if fraction is None:
-    return num_tokens
-  return max(0, min(num_tokens, math.ceil(round(fraction * num_tokens, 6))))
-
-
-def _first_by_priority(priority: jax.Array, k: int):
-  """Picks the k highest-priority tokens among those with priority > 0.
-
-  Returns (idx int32 [k] distinct, valid bool [k], taken bool [n]); slots beyond the number of
-  candidates hold non-candidates with valid False.
-  """
-  n = priority.shape[0]
-  if k == 0:
-    return jnp.zeros((0,), jnp.int32), jnp.zeros((0,), bool), jnp.zeros((n,), bool)
-  values, idx = jax.lax.top_k(priority, k)
-  valid = values > 0
-  return idx, valid, jnp.zeros((n,), bool).at[idx].set(valid)
-
-
 def gather_routes(routes: jax.Array, capacity: Optional[Tuple[float, float]]):
   """The overflow rule of the gather path, on routes int [b, t].
 
@@ -148,11 +123,13 @@ def gather_routes(routes: jax.Array, capacity: Optional[Tuple[float, float]]):
   rank = (jnp.arange(t, dtype=jnp.int32)[None, :] * b
           + jnp.arange(b, dtype=jnp.int32)[:, None]).reshape(n)
   first = n - rank
-  idx_big, valid_big, taken_big = _first_by_priority(
+  # Priority by position, not router score: a score ranking would let later tokens change an
+  # earlier token's route, which a decoder generating left to right cannot see.
+  idx_big, valid_big, taken_big = first_by_priority(
       jnp.where(flat == BIG, first, 0), capacity_tokens(c_big, n))
   overflow = (flat == BIG) & ~taken_big
   # Small-routed tokens outrank every demoted big token: demoted ones only fill spare room.
-  idx_small, valid_small, taken_small = _first_by_priority(
+  idx_small, valid_small, taken_small = first_by_priority(
       jnp.where(flat == SMALL, n + first, jnp.where(overflow, first, 0)),
       capacity_tokens(c_small, n))
   taken = jnp.where(taken_big, BIG, jnp.where(taken_small, SMALL, SKIP)).astype(jnp.int32)
@@ -225,9 +202,11 @@ class DuoFFN(nn.Module):
     if self.mode == "router":
       if not self.has_rng("routing"):
         return jnp.argmax(logits, -1).astype(jnp.int32), None
+      # Gumbel-max: argmax(logits + g) is a sample of softmax(logits), so training routes follow
+      # the router's own distribution; the softened sample carries the gradient.
       noise = jax.random.gumbel(self.make_rng("routing"), logits.shape, jnp.float32)
       soft = jax.nn.softmax((logits + noise) / self.temperature, axis=-1)
-      return jnp.argmax(soft, -1).astype(jnp.int32), soft - jax.lax.stop_gradient(soft)
+      return jnp.argmax(soft, -1).astype(jnp.int32), straight_through_zero(soft)
     if self.mode == "random":
       key = (self.make_rng("routing") if self.has_rng("routing") else
              jax.random.key(self.seed))
@@ -283,6 +262,8 @@ class DuoFFN(nn.Module):
     r = routes[..., None]
     y = jnp.where(r == BIG, y_big, jnp.where(r == SMALL, y_small, jnp.zeros_like(y_big)))
     if straight is not None:
+      # Zero in value, so the forward pass is the hard route's; d loss / d s_m is then
+      # <d loss / d y, FFN_m(x)>: the router learns what each module would have contributed.
       st = straight.astype(y.dtype)
       y = y + st[..., SMALL:SMALL + 1] * y_small + st[..., BIG:BIG + 1] * y_big
     return y
@@ -300,6 +281,8 @@ class DuoFFN(nn.Module):
           pallas_kernels.gather_matmul(flat, idx, w_in, impl=self.impl))
       y = jnp.dot(h, w_out)
       if st is not None:
+        # Only the taken module was computed here, so only its term of the masked path's
+        # straight-through sum exists (zero in value, as there).
         y = y + st[idx, route][:, None] * y
       # Slots past the candidates hold other tokens; they add zero ("set" could overwrite a
       # token the other module computed).

@@ -18,7 +18,7 @@ explicit attribute: `tau_tokens` is the n whose square root is tau, None = the c
 Initialisation (the code's, checked in Haiyang-W/TokenFormer megatron/model/tokenformer.py: keys
 use the model's `init_method`, values its `output_layer_init_method`, for every Pattention):
 keys N(0, key_std = 0.02); values N(0, value_std), value_std = 2 / (num_layers * sqrt(d_model))
-(GPT-NeoX's 'wang_init'), set by the gin factories in adacomp/tokenformer_config.py. Theta makes
+(GPT-NeoX's 'wang_init'), set by the gin factories in adacomp/methods/tokenformer/factories.py. Theta makes
 the forward pass independent of the keys' scale (each score row is renormalised), so key_std only
 sets how fast Adam moves the keys relative to their size.
 

@@ -14,7 +14,7 @@ and the block adds y_i to the residual stream.
 Sparsity. `sparsity` is the fraction of tokens that do NOT execute the unit: 0 is the dense
 model (exactly: every token executes, the router does not run, the output is u(x)); 0.75 runs
 the unit on a quarter of the tokens. The capacity is static: k = ceil((1 - sparsity) * t)
-tokens of each length-t sequence (`layers.duo.capacity_tokens`), so every shape is fixed.
+tokens of each length-t sequence (`layers.selection.capacity_tokens`), so every shape is fixed.
 
 Scores (choices made here; the paper's code is not public):
   * Router: r(x) = W_2 ReLU(W_1 x), d -> d/4 -> ReLU -> outputs (the SkipGPT shape), in
@@ -72,10 +72,10 @@ from jax.typing import DTypeLike
 
 import pallas_kernels
 from layers.attention import causal_mask, dot_product_attention
-from layers.duo import capacity_tokens
 from layers.forecaster import FeatureForecaster, distillation_loss
 from layers.mlp import activation_fn, feed_forward, ffn_macs
 from layers.rope import apply_rope
+from layers.selection import capacity_tokens, flat_indices, select_top_k, straight_through_zero
 
 MODES = ("informed", "greedy")
 COMPUTES = ("masked", "gather")
@@ -89,24 +89,6 @@ def executed_tokens(sparsity: float, length: int) -> int:
                      f"tokens that do not execute the unit (0 = dense). Fix the SPARSITY macro "
                      f"or routed_ffn.sparsity / routed_attention.sparsity.")
   return capacity_tokens(1.0 - sparsity, length)
-
-
-def select_top_k(scores, k: int):
-  """Per-sequence top k of scores [b, t].
-
-  Returns (executed bool [b, t], exec_idx int32 [b, k], rest_idx int32 [b, t - k]): the
-  executed positions by descending score (ties: earlier position first) and the others.
-  """
-  order = jnp.argsort(-scores, axis=1, stable=True).astype(jnp.int32)
-  exec_idx, rest_idx = order[:, :k], order[:, k:]
-  rows = jnp.arange(scores.shape[0])[:, None]
-  executed = jnp.zeros(scores.shape, bool).at[rows, exec_idx].set(True)
-  return executed, exec_idx, rest_idx
-
-
-def _flat(idx, t: int):
-  """Per-sequence indices [b, k] -> indices into the b*t tokens flattened batch-major."""
-  return (idx + t * jnp.arange(idx.shape[0], dtype=jnp.int32)[:, None]).reshape(-1)
 
 
 class TokenRouter(nn.Module):
@@ -167,6 +149,7 @@ class _Routed(nn.Module):
     logits = router(x)
     score = logits[..., IMPORTANCE]
     if self.mode == "informed":
+      # The recoverability head learns only from its regression target, not from the ranking.
       score = score + jax.lax.stop_gradient(logits[..., ERROR])
     executed, exec_idx, rest_idx = select_top_k(score, k)
     return executed, exec_idx, rest_idx, logits
@@ -174,13 +157,15 @@ class _Routed(nn.Module):
   def _straight(self, logits, dtype):
     """s - stop_gradient(s), s = sigmoid(importance): zero in value, [b, t, 1]."""
     s = jax.nn.sigmoid(logits[..., IMPORTANCE])
-    return (s - jax.lax.stop_gradient(s))[..., None].astype(dtype)
+    return straight_through_zero(s)[..., None].astype(dtype)
 
   def _masked_combine(self, u, f, executed, logits):
     """y = where(executed, u, f) + straight-through * (u - f); f is None in greedy mode."""
     base = jnp.zeros_like(u) if f is None else f
     y = jnp.where(executed[..., None], u, base)
     if logits is not None:
+      # Zero in value (the hard decision stands); its gradient tells the importance logit how
+      # much the loss gains from executing the token instead of approximating (or skipping) it.
       y = y + self._straight(logits, u.dtype) * (u - base)
     return y
 
@@ -206,7 +191,7 @@ class _Routed(nn.Module):
     """Informed gather path: u_hat on the non-executed tokens only, written into out."""
     if forecaster is None or rest_idx.shape[1] == 0:
       return out
-    rows = _flat(rest_idx, t)
+    rows = flat_indices(rest_idx, t)
     f = forecaster(jnp.take(flat, rows, axis=0))
     return pallas_kernels.scatter(f.astype(out.dtype), rows, out, mode="set", impl=self.impl)
 
@@ -214,7 +199,8 @@ class _Routed(nn.Module):
 class RoutedFFN(_Routed):
   """The FFN, executed for the top-k tokens, forecast (informed) or skipped (greedy) for the rest.
 
-  Plugs into `DecoderConfig.ffn_cls` (see adacomp/routing_config.py and the module docstring).
+  Plugs into `DecoderConfig.ffn_cls` (see adacomp/methods/informed_routing/factories.py and the
+  module docstring).
 
   Attributes:
     d_ff: hidden width of the FFN (the model's).
@@ -271,7 +257,7 @@ class RoutedFFN(_Routed):
     flat = x.reshape(b * t, d_model)
     out = jnp.zeros_like(flat)
     if exec_idx.shape[1]:
-      rows = _flat(exec_idx, t)
+      rows = flat_indices(exec_idx, t)
       h = activation_fn(self.activation)(
           pallas_kernels.gather_matmul(flat, rows, w_in, impl=self.impl))
       u = jnp.dot(h, w_out)
@@ -368,6 +354,6 @@ class RoutedAttention(_Routed):
         st = jnp.take_along_axis(self._straight(logits, u.dtype)[..., 0], exec_idx, axis=1)
         u = u + st[..., None] * u
       out = pallas_kernels.scatter(u.reshape(-1, d_model).astype(out.dtype),
-                                   _flat(exec_idx, t), out, mode="set", impl=self.impl)
+                                   flat_indices(exec_idx, t), out, mode="set", impl=self.impl)
     out = self._forecast_rest(flat, rest_idx, t, forecaster, out)
     return out.reshape(b, t, d_model)

@@ -45,6 +45,8 @@ def threshold_mask(scores, threshold, prev_mask, *, train: bool, temperature: fl
   hard = (scores > threshold).astype(jnp.float32)
   if train:
     soft = jax.nn.sigmoid((scores - threshold) / temperature)
+    # Straight-through: the forward pass uses the hard 0/1 mask, the backward pass the sigmoid's
+    # gradient, so the thresholds learn although the mask itself is a step function.
     keep = soft + jax.lax.stop_gradient(hard - soft)
   else:
     keep = hard

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from adacomp.models.decoder import DecoderConfig, DecoderLM
-from adacomp.training import macs_per_token
+from adacomp.scoring import macs_per_token
 from layers.duo import BIG, SKIP, SMALL, DuoFFN
 from layers.mlp import DenseFFN
 

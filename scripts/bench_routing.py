@@ -24,8 +24,9 @@ import json
 import statistics
 import time
 
-from absl import app
 from absl import flags
+
+from adacomp import cli
 
 flags.DEFINE_list("sparsities", ["0", "0.25", "0.5", "0.75"], "Fractions of tokens skipped.")
 flags.DEFINE_list("units", ["ffn"], "Routed units: ffn, attention or both.")
@@ -60,8 +61,7 @@ def _median_times(fns, repeats):
   return {name: statistics.median(t) for name, t in times.items()}
 
 
-def main(argv):
-  del argv
+def main():
   import dataclasses  # pylint: disable=g-import-not-at-top
   import functools  # pylint: disable=g-import-not-at-top
 
@@ -69,13 +69,13 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
-  from adacomp import training  # pylint: disable=g-import-not-at-top
+  from adacomp import scoring, training  # pylint: disable=g-import-not-at-top
   from adacomp.models.decoder import DecoderConfig, DecoderLM  # pylint: disable=g-import-not-at-top
   from layers.routing import RoutedAttention, RoutedFFN  # pylint: disable=g-import-not-at-top
 
   bad = set(FLAGS.units) - {"ffn", "attention"}
   if bad or not FLAGS.units:
-    raise app.UsageError(f"--units={FLAGS.units}: use ffn, attention or both (comma-separated).")
+    raise ValueError(f"--units={FLAGS.units}: use ffn, attention or both (comma-separated).")
   base = DecoderConfig(vocab_size=FLAGS.vocab_size, num_layers=FLAGS.num_layers,
                        d_model=FLAGS.d_model, num_heads=FLAGS.num_heads,
                        head_dim=FLAGS.head_dim, d_ff=FLAGS.d_ff,
@@ -102,7 +102,7 @@ def main(argv):
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     _, state = compiled(params, ids)
-    macs = float(jnp.mean(training.macs_per_token(state["intermediates"], ids.shape)))
+    macs = float(jnp.mean(scoring.macs_per_token(state["intermediates"], ids.shape)))
     return (lambda: compiled(params, ids)[0]), float(cost["flops"]), macs
 
   variants = {("dense", 0.0): build(base)}
@@ -164,4 +164,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

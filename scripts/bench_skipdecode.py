@@ -21,9 +21,9 @@ import statistics
 import sys
 import time
 
-from absl import app
 from absl import flags
-from absl import logging
+
+from adacomp import cli
 
 flags.DEFINE_string("checkpoint_dir", None, "Base (dense) checkpoint.")
 flags.DEFINE_string("finetuned", "", "target:checkpoint_dir pairs, comma-separated.")
@@ -39,14 +39,13 @@ flags.mark_flag_as_required("checkpoint_dir")
 FLAGS = flags.FLAGS
 
 
-def main(argv):
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # orbax and tfds are chatty at INFO
-  del argv
+def main():
+  from adacomp.methods import registry  # pylint: disable=g-import-not-at-top,unused-import
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from adacomp import checkpointing, decoding, evaluation, gin_utils, skip_schedule  # pylint: disable=g-import-not-at-top
+  from adacomp import checkpointing, decoding, gin_utils, scoring
+  from adacomp.methods.skipdecode import schedule as skip_schedule  # pylint: disable=g-import-not-at-top
   from adacomp import data as data_lib  # pylint: disable=g-import-not-at-top
   from adacomp.models.decoder import DecoderLM  # pylint: disable=g-import-not-at-top
   from adacomp.training import make_eval_step  # pylint: disable=g-import-not-at-top
@@ -74,7 +73,7 @@ def main(argv):
   def quality(params, mask):
     eval_step = jax.jit(make_eval_step(DecoderLM(decoder.config), mask))
     batches = ({**b, "weights": b["weights"] * span} for b in val)
-    return evaluation.evaluate(eval_step, params, batches,
+    return scoring.evaluate(eval_step, params, batches,
                                lambda b: {k: jnp.asarray(v) for k, v in b.items()})
 
   rows = []
@@ -140,4 +139,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

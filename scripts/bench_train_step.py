@@ -48,6 +48,7 @@ METHODS = {
 def run_once(label, steps, workdir):
   import gin  # pylint: disable=g-import-not-at-top
   from adacomp import gin_utils, training  # pylint: disable=g-import-not-at-top
+  from adacomp.methods import registry  # pylint: disable=g-import-not-at-top,unused-import
   files, bindings, _ = METHODS[label]
   gin.clear_config()
   gin_utils.parse(files, bindings + [f"train.num_steps = {steps}", "train.eval_every = 0",

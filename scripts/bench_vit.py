@@ -21,9 +21,9 @@ import statistics
 import sys
 import time
 
-from absl import app
 from absl import flags
-from absl import logging
+
+from adacomp import cli
 
 flags.DEFINE_string("dense", None, "Workdir of the dense ViT run.")
 flags.DEFINE_multi_string("pruned", [], "Workdirs of AS-ViT runs.")
@@ -40,7 +40,9 @@ def _load(workdir):
   """(model, params, summary of the exact model, dataset) of a checkpoint, from its own gin."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  from adacomp import checkpointing, gin_utils, sharding, tasks  # pylint: disable=g-import-not-at-top
+  from adacomp import gin_utils, sharding, tasks  # pylint: disable=g-import-not-at-top
+  from adacomp.methods import registry  # pylint: disable=g-import-not-at-top,unused-import
+  from adacomp.models.build import restore_sharded  # pylint: disable=g-import-not-at-top
   from adacomp.training import make_eval_step  # pylint: disable=g-import-not-at-top
   step, _ = gin_utils.parse_checkpoint_config(workdir)
   task = tasks.make_task("image_classification")
@@ -48,10 +50,7 @@ def _load(workdir):
   model = task.build_model(data)
   mesh, rules = sharding.make_mesh(), sharding.logical_axis_rules()
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), task.init_inputs(1)))["params"]
-    shardings = sharding.logical_shardings(boxed, mesh, rules)
-    abstract = sharding.abstract_with_shardings(boxed, shardings)
-    params = checkpointing.restore_params(workdir, abstract, step=step)
+    params = restore_sharded(workdir, model, task.init_inputs(1), mesh, rules, step)
     summary = task.evaluate(jax.jit(make_eval_step(model, task=task)), params, data,
                             lambda b: sharding.global_batch(b, mesh))
   return model, params, summary, data
@@ -73,10 +72,7 @@ def _flops(fn, params, x):
   return float(cost["flops"])
 
 
-def main(argv):
-  del argv
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+def main():
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
@@ -91,7 +87,7 @@ def main(argv):
     model, params, summary, data = _load(workdir)
     kept = [summary[k] for k in sorted(summary) if k.startswith("kept_stage")]
     if not kept:
-      raise app.UsageError(f"{workdir} has no pruning stages (ViTConfig.prune_after); pass "
+      raise ValueError(f"{workdir} has no pruning stages (ViTConfig.prune_after); pass "
                            f"AS-ViT runs to --pruned.")
     capacity = tuple(max(1, int(np.floor(k * n_img))) for k in kept)
     fn = jax.jit(lambda p, x, m=model, c=capacity: m.apply({"params": p}, x, capacity=c))
@@ -153,4 +149,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

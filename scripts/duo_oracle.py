@@ -6,13 +6,12 @@ r"""Duo-LLM oracle routing analysis of a checkpoint, with trained routers for co
 Searches every routing pattern (skip / small / big per layer) on held-out tokens and writes
 analysis.json plus loss_vs_compute.png, big_by_layer.png and difficulty.png into --output_dir;
 prints the headline table (all big vs oracle with --headline_big big layers vs the routers).
-The logic lives in adacomp/analysis/duo_analysis.py.
+The logic lives in adacomp/methods/duo/analysis.py.
 """
-import sys
 
-from absl import app
 from absl import flags
-from absl import logging
+
+from adacomp import cli
 
 flags.DEFINE_string("checkpoint_dir", None, "A Duo run trained with random routes.")
 flags.DEFINE_multi_string("router_dir", [], "Router-stage runs to compare (repeatable).")
@@ -29,23 +28,16 @@ flags.mark_flag_as_required("checkpoint_dir")
 FLAGS = flags.FLAGS
 
 
-def main(argv):
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # orbax and tfds are chatty at INFO
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+def main():
+  from adacomp.methods import registry  # pylint: disable=g-import-not-at-top,unused-import
   import os  # pylint: disable=g-import-not-at-top
-  from adacomp.analysis import duo_analysis  # pylint: disable=g-import-not-at-top
+  from adacomp.methods.duo import analysis as duo_analysis  # pylint: disable=g-import-not-at-top
   output_dir = FLAGS.output_dir or os.path.join(FLAGS.checkpoint_dir, "oracle")
-  try:
-    duo_analysis.run_analysis(
-        FLAGS.checkpoint_dir, output_dir, router_dirs=FLAGS.router_dir, split=FLAGS.split,
-        num_batches=FLAGS.num_batches, batch_size=FLAGS.batch_size, seq_len=FLAGS.seq_len,
-        headline_big=FLAGS.headline_big, chunk=FLAGS.chunk, bindings=FLAGS.gin_bindings)
-  except (ValueError, PermissionError) as e:
-    print(f"\nERROR: {e}", file=sys.stderr, flush=True)
-    sys.exit(1)
+  duo_analysis.run_analysis(
+      FLAGS.checkpoint_dir, output_dir, router_dirs=FLAGS.router_dir, split=FLAGS.split,
+      num_batches=FLAGS.num_batches, batch_size=FLAGS.batch_size, seq_len=FLAGS.seq_len,
+      headline_big=FLAGS.headline_big, chunk=FLAGS.chunk, bindings=FLAGS.gin_bindings)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -1,18 +1,17 @@
 r"""Generates continuations of prompts with a trained checkpoint, optionally under SkipDecode.
 
-  python scripts/generate.py --checkpoint_dir=/tmp/adacomp/dense --prompts=prompts.txt \
+  python scripts/generate.py --checkpoint_dir=/tmp/adacomp/dense --prompts=docs/prompts.txt \
       --max_new_tokens=64 --speedup=2 --temperature=0.8 --top_p=0.95
 
 One prompt per line of --prompts; prompts are cut to the shortest one's length so that a batch
 shares positions (SkipDecode's batch-uniform exit points). Writes JSONL to --output.
 """
 import json
-import sys
 import time
 
-from absl import app
 from absl import flags
-from absl import logging
+
+from adacomp import cli
 
 flags.DEFINE_string("checkpoint_dir", None, "A training --workdir or its checkpoints/ folder.")
 flags.DEFINE_string("prompts", None, "Text file, one prompt per line.")
@@ -28,25 +27,26 @@ flags.mark_flags_as_required(["checkpoint_dir", "prompts"])
 FLAGS = flags.FLAGS
 
 
-def main(argv):
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # orbax and tfds are chatty at INFO
-  del argv
+def main():
+  from adacomp.methods import registry  # pylint: disable=g-import-not-at-top,unused-import
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from adacomp import decoding, gin_utils, skip_schedule  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  from adacomp import decoding, gin_utils  # pylint: disable=g-import-not-at-top
+  from adacomp.methods.skipdecode import schedule as skip_schedule  # pylint: disable=g-import-not-at-top
 
-  try:
-    gin_utils.parse_checkpoint_config(FLAGS.checkpoint_dir)
-    decoder, params, tokenizer, meta = decoding.load_checkpoint_for_decoding(FLAGS.checkpoint_dir)
-  except ValueError as e:
-    print(f"ERROR: {e}", file=sys.stderr)
-    sys.exit(1)
-  lines = [l.rstrip("\n") for l in open(FLAGS.prompts, encoding="utf-8") if l.strip()]
+  prompts = FLAGS.prompts
+  if not os.path.isfile(prompts) and os.path.isfile(os.path.join(gin_utils.REPO_ROOT, prompts)):
+    prompts = os.path.join(gin_utils.REPO_ROOT, prompts)  # e.g. docs/prompts.txt from anywhere
+  if not os.path.isfile(prompts):
+    raise ValueError(f"--prompts={FLAGS.prompts}: no such file; write one prompt per line "
+                     f"(docs/prompts.txt is an example).")
+  lines = [l.rstrip("\n") for l in open(prompts, encoding="utf-8") if l.strip()]
   if not lines:
-    print(f"ERROR: {FLAGS.prompts} holds no prompt; write one prompt per line.", file=sys.stderr)
-    sys.exit(1)
+    raise ValueError(f"--prompts={FLAGS.prompts} holds no prompt; write one prompt per line.")
+  gin_utils.parse_checkpoint_config(FLAGS.checkpoint_dir)
+  decoder, params, tokenizer, meta = decoding.load_checkpoint_for_decoding(FLAGS.checkpoint_dir)
   encoded = [np.concatenate([[tokenizer.bos_id], tokenizer.encode(l)]) for l in lines]
   length = min(len(e) for e in encoded)
   prompt = jnp.asarray(np.stack([e[:length] for e in encoded]), jnp.int32)
@@ -79,4 +79,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -1,4 +1,4 @@
-r"""Grows a trained TokenFormer checkpoint by appending parameter tokens (adacomp/scaling.py).
+r"""Grows a trained TokenFormer checkpoint by appending parameter tokens (adacomp/methods/tokenformer/growth.py).
 
   python scripts/grow.py --source=/tmp/adacomp/tokenformer --target=/tmp/adacomp/tf_grown \
       --factor=2
@@ -9,11 +9,10 @@ r"""Grows a trained TokenFormer checkpoint by appending parameter tokens (adacom
 'blocks/attn/out', 'blocks/ffn/pattention'; default: all). The source is only read; the target
 gets the grown checkpoint at the source's step, its config.gin and growth.json.
 """
-import sys
 
-from absl import app
 from absl import flags
-from absl import logging
+
+from adacomp import cli
 
 flags.DEFINE_string("source", None, "Workdir (or its checkpoints/ folder) of a TokenFormer run.")
 flags.DEFINE_string("target", None, "New workdir for the grown run (must not exist or be empty).")
@@ -31,19 +30,12 @@ flags.mark_flags_as_required(["source", "target"])
 FLAGS = flags.FLAGS
 
 
-def main(argv):
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # orbax is chatty at INFO
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  from adacomp import scaling  # pylint: disable=g-import-not-at-top
-  try:
-    s = scaling.grow_checkpoint(FLAGS.source, FLAGS.target, select=FLAGS.select, add=FLAGS.add,
-                                factor=FLAGS.factor, init=FLAGS.init, key_std=FLAGS.key_std,
-                                decay_steps=FLAGS.decay_steps, seed=FLAGS.seed)
-  except ValueError as e:
-    print(f"\nERROR: {e}", file=sys.stderr, flush=True)
-    sys.exit(1)
+def main():
+  from adacomp.methods import registry  # pylint: disable=g-import-not-at-top,unused-import
+  from adacomp.methods.tokenformer import growth  # pylint: disable=g-import-not-at-top
+  s = growth.grow_checkpoint(FLAGS.source, FLAGS.target, select=FLAGS.select, add=FLAGS.add,
+                              factor=FLAGS.factor, init=FLAGS.init, key_std=FLAGS.key_std,
+                              decay_steps=FLAGS.decay_steps, seed=FLAGS.seed)
   print(f"\n{'group':<6} {'tokens':>15} {'tau tokens':>11}  layers")
   for group, p in s["groups"].items():
     print(f"{group:<6} {p['old']:>6} -> {p['new']:<6} {p['tau_tokens']:>11}  "
@@ -55,4 +47,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

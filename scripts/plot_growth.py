@@ -13,8 +13,9 @@ workdir's metrics.jsonl; writes the PNG and a JSON of the plotted points beside 
 import json
 import os
 
-from absl import app
 from absl import flags
+
+from adacomp import cli
 
 flags.DEFINE_multi_string("run", [], "LABEL:WORKDIR[,WORKDIR...] (repeatable).")
 flags.DEFINE_integer("growth_step", None, "Step at which the grown run was grown (marked).")
@@ -42,18 +43,17 @@ def validation_curve(workdirs):
   return dict(sorted(curve.items()))
 
 
-def main(argv):
-  del argv
+def main():
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   if not FLAGS.run:
-    raise app.UsageError("Give at least one --run=LABEL:WORKDIR[,WORKDIR...].")
+    raise ValueError("Give at least one --run=LABEL:WORKDIR[,WORKDIR...].")
   curves = {}
   for spec in FLAGS.run:
     label, _, dirs = spec.rpartition(":")
     if not label or not dirs:
-      raise app.UsageError(f"--run={spec!r}: expected LABEL:WORKDIR[,WORKDIR...].")
+      raise ValueError(f"--run={spec!r}: expected LABEL:WORKDIR[,WORKDIR...].")
     curves[label] = validation_curve(dirs.split(","))
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for label, curve in curves.items():
@@ -82,4 +82,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

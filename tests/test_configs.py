@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import pytest
 
 from adacomp import gin_utils, training
+from adacomp.models import build
 from adacomp.models.decoder import DecoderConfig
 
 CONFIGS = sorted(glob.glob(os.path.join(gin_utils.CONFIGS_DIR, "**", "*.gin"), recursive=True))
@@ -22,7 +23,7 @@ def test_there_are_configs():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.relpath(p, gin_utils.CONFIGS_DIR))
 def test_config_parses_and_builds_its_model(path):
   gin_utils.parse([path])
-  model = training.build_decoder(259, DecoderConfig())
+  model = build.build_decoder(259, DecoderConfig())
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
   assert jax.tree.leaves(shapes)
   if "train.num_steps" in gin.config_str():

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from adacomp import sharding, training
+from adacomp.models import build
 from adacomp.models.decoder import DecoderConfig
 
 
@@ -20,7 +21,7 @@ def run(mesh, steps=3):
   rules = sharding.logical_axis_rules()
   cfg = DecoderConfig(vocab_size=64, num_layers=2, d_model=64, num_heads=4, head_dim=16,
                       d_ff=128, max_len=32)
-  model = training.build_decoder(64, cfg)
+  model = build.build_decoder(64, cfg)
   tx = training.make_optimizer(10, learning_rate=1e-2, warmup_steps=0)
   rng = np.random.default_rng(0)
   losses = []

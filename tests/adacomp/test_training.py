@@ -14,8 +14,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from adacomp import checkpointing, evaluator, training
-from tests.adacomp.conftest import REPO, TINY_GIN, configure, corpus_bindings
+from adacomp import checkpointing, evaluation, training
+from tests.corpus import REPO, TINY_GIN, configure, corpus_bindings
 
 
 def _train(corpus, workdir, *bindings):
@@ -70,7 +70,7 @@ def test_eval_reproduces_the_final_validation_loss_of_training(corpus, tmp_path)
   gin.clear_config()
   step, meta = checkpointing.read_meta(str(tmp_path / "run"))
   gin.parse_config(meta["gin_config"])
-  report = evaluator.evaluate_checkpoint(str(tmp_path / "run"), meta, step)
+  report = evaluation.evaluate_checkpoint(str(tmp_path / "run"), meta, step)
   assert report["step"] == 8
   np.testing.assert_allclose(report["loss"], summary["loss"], rtol=1e-6)
   np.testing.assert_allclose(report["bits_per_byte"], summary["bits_per_byte"], rtol=1e-6)

@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adacomp import duo_config  # pylint: disable=unused-import  (registers duo_ffn)
+from adacomp.methods.duo import factories as duo_factories  # pylint: disable=unused-import  (registers duo_ffn)
 from adacomp import sharding, training
+from adacomp.models import build
 from adacomp.models.decoder import DecoderConfig, DecoderLM
 from layers.block import DecoderBlock
 from layers.duo import BIG, SKIP, SMALL, DuoFFN
@@ -351,7 +352,7 @@ duo_ffn.budget = (0.2, 0.3, 0.5)
 
 def test_gin_selects_duo_ffn_and_a_train_step_adds_its_budget_loss():
   gin.parse_config(GIN)
-  model = training.build_decoder(259, DecoderConfig())
+  model = build.build_decoder(259, DecoderConfig())
   state, new_state, metrics = _one_train_step(model)
   assert state.params["blocks"]["ffn"]["wi_small"].shape == (1, 32, 8)
   assert metrics["aux_loss"] > 0 and np.isfinite(metrics["loss"])

@@ -10,7 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adacomp import decoding, gin_utils, skip_schedule, training
+from adacomp import decoding, gin_utils, training
+from adacomp.methods.skipdecode import schedule as skip_schedule
+from adacomp.models import build
 from adacomp.models.decoder import DecoderConfig, DecoderLM
 from layers.pattention import Pattention, PattentionAttention, PattentionFFN
 
@@ -109,7 +111,7 @@ def test_kv_cache_decoding_equals_the_full_forward_pass():
 def _param_count(gin_file, *bindings):
   gin.clear_config()
   gin_utils.parse([gin_file], bindings)
-  model = training.build_decoder(259, DecoderConfig())
+  model = build.build_decoder(259, DecoderConfig())
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
   return training.count_params(shapes["params"])
 

@@ -12,10 +12,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from adacomp import checkpointing, gin_utils, scaling, training
+from adacomp import checkpointing, gin_utils, training
+from adacomp.methods.tokenformer import growth as scaling
 from adacomp.models.decoder import DecoderConfig, DecoderLM
 from layers.pattention import Pattention, PattentionAttention, PattentionFFN
-from tests.adacomp.conftest import configure
+from tests.corpus import configure
 
 TOKENFORMER = ["DecoderConfig.attention_cls = @tokenformer_attention()",
                "DecoderConfig.ffn_cls = @tokenformer_ffn()", "DecoderConfig.norm = 'layernorm'",

@@ -1,12 +1,10 @@
-"""Fixtures for end-to-end training tests: a small text corpus and a prepared dataset."""
+"""End-to-end training tests' helpers: a small text corpus and the tiny training config."""
 import os
 import random
 
-import pytest
-
 from adacomp import gin_utils
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_GIN = os.path.join(REPO, "tests", "testdata", "tiny_train.gin")
 
 
@@ -24,13 +22,6 @@ def write_corpus(directory, num_files=12, seed=0):
     with open(os.path.join(directory, f"file_{i:02d}.py"), "w") as f:
       f.write(f"def function_{i}(x):\n" + "\n".join(lines) + "\n")
   return os.path.join(directory, "*.py")
-
-
-@pytest.fixture(scope="session")
-def corpus(tmp_path_factory):
-  root = tmp_path_factory.mktemp("corpus")
-  glob = write_corpus(str(root / "text"))
-  return {"glob": glob, "data_dir": str(root / "tfds")}
 
 
 def corpus_bindings(corpus):

@@ -10,7 +10,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from adacomp import checkpointing, gin_utils, training
-from tests.adacomp.conftest import TINY_GIN, corpus_bindings
+from tests.corpus import TINY_GIN, corpus_bindings
 
 L, D, F, R, H = 2, 32, 64, 32 // 8, 32 // 4  # tiny_train.gin sizes; rank d/8, router d/4
 FAST = ("train.num_steps = 4", "train.eval_every = 0", "train.eval_batches = 2",

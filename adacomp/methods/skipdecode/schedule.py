@@ -92,8 +92,10 @@ def layer_mask_for_training(seq_len: int, num_layers: int, schedule=None,
                             warmup_layers: int = 1) -> Optional[np.ndarray]:
   """Bool [num_layers, seq_len] for fine-tuning and evaluating under a schedule, or None.
 
-  Bind `layer_mask_for_training.schedule = @linear_skip_schedule` (configs/skipdecode.gin):
-  each training position then runs only its scheduled layers (the rest are masked to the
+  The shared language-model task calls it through its hook (configs/skipdecode.gin):
+      position_layer_mask.fn = @layer_mask_for_training
+      layer_mask_for_training.schedule = @schedule_for_speedup
+  Each training position then runs only its scheduled layers (the rest are masked to the
   identity, as the paper's fine-tuning does), so the model learns to work without them.
   """
   if schedule is None:

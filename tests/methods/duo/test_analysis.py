@@ -5,9 +5,9 @@ import os
 import gin
 import pytest
 
-from adacomp import evaluator, gin_utils, training
-from adacomp.analysis import duo_analysis
-from tests.adacomp.conftest import configure
+from adacomp import evaluation, gin_utils, training
+from adacomp.methods.duo import analysis as duo_analysis
+from tests.corpus import configure
 
 DUO = ("DecoderConfig.ffn_cls = @duo_ffn()", "duo_ffn.mode = 'random'", "train.eval_every = 0",
        "make_manager.save_every = 100")
@@ -21,7 +21,7 @@ def _train(corpus, workdir, *bindings):
 
 def _evaluate(workdir, *bindings):
   step, meta = gin_utils.parse_checkpoint_config(str(workdir), gin_bindings=bindings)
-  return evaluator.evaluate_checkpoint(str(workdir), meta, step, output=os.devnull)
+  return evaluation.evaluate_checkpoint(str(workdir), meta, step, output=os.devnull)
 
 
 @pytest.fixture(scope="module", name="runs")

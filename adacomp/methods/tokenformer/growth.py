@@ -68,6 +68,7 @@ from adacomp import checkpointing
 from adacomp import gin_utils
 from adacomp import sharding
 from adacomp import training
+from adacomp.models import build
 from adacomp.models.decoder import DecoderConfig
 
 INITS = ("zero_keys", "zero_values", "random")
@@ -258,7 +259,7 @@ def _query(name: str, default=None):
 
 def _build_state(meta: dict, seed: int):
   """(model, TrainState, abstract TrainState) for the currently parsed gin config."""
-  model = training.build_decoder(meta["vocab_size"], DecoderConfig())
+  model = build.build_decoder(meta["vocab_size"], DecoderConfig())
   tx = training.make_optimizer(gin.query_parameter("train.num_steps"))
   mesh = sharding.make_mesh()
   rules = sharding.logical_axis_rules()

@@ -4,7 +4,7 @@ An entry is a checkpoint plus optional gin bindings applied over its saved confi
 mode, a budget, a capacity), written `label=DIR` or `label=DIR;binding;binding`; a part
 `ref=LABEL` makes another entry its dense reference (a 12-layer SkipDecode model against the
 12-layer dense one). Every entry is
-evaluated by the same `evaluator.evaluate_checkpoint` on the same split and number of batches, so
+evaluated by the same `evaluation.evaluate_checkpoint` on the same split and number of batches, so
 the figures are comparable:
 
   * quality: bits per byte (language models) or top-1 (image classifiers);
@@ -74,11 +74,11 @@ def _task_of(meta) -> str:
 
 def evaluate_entry(entry: Entry, split: str, eval_batches: Optional[int], output_dir: str
                    ) -> dict:
-  from adacomp import evaluator  # pylint: disable=g-import-not-at-top
+  from adacomp import evaluation  # pylint: disable=g-import-not-at-top
   step, meta = configure(entry)
   safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in entry.label)
   with gin.unlock_config():
-    report = evaluator.evaluate_checkpoint(
+    report = evaluation.evaluate_checkpoint(
         entry.checkpoint_dir, meta, step, split=split, eval_batches=eval_batches,
         output=os.path.join(output_dir, "evals", f"{safe}.json"))
   report["task"] = _task_of(meta)
@@ -88,15 +88,15 @@ def evaluate_entry(entry: Entry, split: str, eval_batches: Optional[int], output
 def _lm_timer(entry: Entry, batch_size: int, prompt_len: int):
   """(fn, args, kind) timing the entry's inference path; kind 'forward' or 'generate'."""
   from adacomp import data as data_lib  # pylint: disable=g-import-not-at-top
-  from adacomp import decoding, skip_schedule  # pylint: disable=g-import-not-at-top
-  from adacomp.training import load_decoder  # pylint: disable=g-import-not-at-top
+  from adacomp import decoding, tasks  # pylint: disable=g-import-not-at-top
+  from adacomp.models.build import load_decoder  # pylint: disable=g-import-not-at-top
   step, meta = configure(entry)
   seq_len = meta["seq_len"]
   model, params = load_decoder(entry.checkpoint_dir, meta, step)
   data = data_lib.lm_dataset("validation", batch_size=batch_size, seq_len=seq_len, train=False,
                              eval_max_batches=1)
   inputs = jnp.asarray(next(iter(data))["inputs"])
-  schedule_mask = skip_schedule.layer_mask_for_training(seq_len, model.config.num_layers)
+  schedule_mask = tasks.position_layer_mask(seq_len, model.config.num_layers)
   if schedule_mask is None:
     fn = jax.jit(lambda p, ids: model.apply({"params": p}, ids))
     return {"entry": (fn, (params, inputs))}, "forward"
@@ -107,7 +107,7 @@ def _lm_timer(entry: Entry, batch_size: int, prompt_len: int):
   last = mask[:, int(np.argmin(active))]
   warmup = int(np.argmin(last)) if not last.all() else 1
   decoder = decoding.Decoder(model.config, warmup_layers=warmup)
-  full = skip_schedule.full_schedule(seq_len, model.config.num_layers)
+  full = np.full((seq_len,), model.config.num_layers, np.int32)  # every layer: dense
   prompt = inputs[:, :prompt_len]
   new = seq_len - prompt_len
 

@@ -4,7 +4,7 @@ import json
 import gin
 import pytest
 
-from adacomp import checkpointing, evaluator, gin_utils, training
+from adacomp import checkpointing, evaluation, gin_utils, training
 
 TINY = [
     "train.task = 'image_classification'",
@@ -55,7 +55,7 @@ def test_as_vit_fine_tuned_from_the_dense_vit_moves_its_compute_toward_the_budge
   gin.clear_config()
   step, meta = checkpointing.read_meta(str(tmp_path / "as_vit"))
   gin.parse_config(meta["gin_config"])
-  report = evaluator.evaluate_checkpoint(str(tmp_path / "as_vit"), meta, step)
+  report = evaluation.evaluate_checkpoint(str(tmp_path / "as_vit"), meta, step)
   assert report["task"] == "image_classification"
   assert report["compute_fraction"] == pytest.approx(summary["compute_fraction"], rel=1e-6)
   assert report["accuracy"] == pytest.approx(summary["accuracy"])

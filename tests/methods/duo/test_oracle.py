@@ -1,4 +1,4 @@
-"""Duo-LLM oracle routing search (adacomp.analysis.oracle): tiny models, hand-made losses."""
+"""Duo-LLM oracle routing search (adacomp.methods.duo.oracle): tiny models, hand-made losses."""
 import functools
 import itertools
 import math
@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from adacomp.analysis import oracle as oracle_lib
+from adacomp.methods.duo import oracle as oracle_lib
 from adacomp.models.decoder import DecoderConfig, DecoderLM
 from layers.duo import BIG, SKIP, SMALL, DuoFFN
 

@@ -6,7 +6,7 @@ takes held-out batches, computes every token's loss under every routing pattern 
 budget k = 0..L (at most k BIG layers per token):
 
   * oracle: each token its best pattern with <= k BIG layers, the other layers SMALL or SKIP
-    (see `adacomp.analysis.oracle` for the context convention: a pattern is applied to the whole
+    (see `adacomp.methods.duo.oracle` for the context convention: a pattern is applied to the whole
     sequence, so oracle losses are lower bounds for a router with a fixed context);
   * best static: the one pattern with <= k BIG layers that is best on average, for every token;
   * random: each token a pattern drawn uniformly among those with exactly k BIG layers and
@@ -39,7 +39,7 @@ import optax
 from adacomp import data as data_lib
 from adacomp import gin_utils
 from adacomp.metrics import ProgressBar
-from adacomp.analysis import oracle as oracle_lib
+from adacomp.methods.duo import oracle as oracle_lib
 from layers.duo import BIG, SKIP, SMALL, DuoFFN
 from layers.mlp import ffn_macs
 
@@ -68,7 +68,7 @@ class DuoModel:
 def load_duo(checkpoint_dir: str, bindings: Sequence[str] = (), step: Optional[int] = None
              ) -> DuoModel:
   """The model and params of a Duo checkpoint, rebuilt from the gin config saved with it."""
-  from adacomp.training import load_decoder  # pylint: disable=g-import-not-at-top
+  from adacomp.models.build import load_decoder  # pylint: disable=g-import-not-at-top
   step, meta = gin_utils.parse_checkpoint_config(checkpoint_dir, step,
                                                  gin_bindings=list(bindings))
   model, params = load_decoder(checkpoint_dir, meta, step)

@@ -10,9 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adacomp import decoding, skip_schedule, training
+from adacomp import decoding, scoring, training
+from adacomp.methods.skipdecode import schedule as skip_schedule
 from adacomp.models.decoder import DecoderConfig, DecoderLM
-from tests.adacomp.conftest import REPO, configure
+from tests.corpus import REPO, configure
 
 CFG = DecoderConfig(vocab_size=50, num_layers=4, d_model=32, num_heads=2, head_dim=16, d_ff=64,
                     max_len=64)
@@ -159,7 +160,7 @@ def test_reported_macs_count_only_the_scheduled_layers(params, scan):
   mask = skip_schedule.active_layer_mask(schedule, CFG.num_layers)
   _, mutables = DecoderLM(cfg).apply({"params": params}, tokens, layer_mask=jnp.asarray(mask),
                                      mutable=["intermediates"])
-  got = training.macs_per_token(mutables["intermediates"], tokens.shape, mask)
+  got = scoring.macs_per_token(mutables["intermediates"], tokens.shape, mask)
   d, inner = CFG.d_model, CFG.num_heads * CFG.head_dim
   position = np.arange(12)
   per_layer = 4 * d * inner + 2 * inner * (position + 1) + 2 * d * CFG.d_ff
