@@ -12,8 +12,11 @@ setuptools.setup(
     python_requires=">=3.10",
     packages=setuptools.find_packages(
         include=["adacomp", "adacomp.*", "layers", "layers.*",
-                 "pallas_kernels", "pallas_kernels.*"]),
-    package_data={"": ["*.gin"]},
+                 "pallas_kernels", "pallas_kernels.*"]) + ["adacomp_configs"],
+    # configs/ ships inside an installed package as `adacomp_configs`, so gin finds the configs
+    # without a checkout (adacomp.gin_utils.CONFIGS_DIR); a checkout uses configs/ itself.
+    package_dir={"adacomp_configs": "configs"},
+    package_data={"": ["*.gin", "*.md"], "adacomp_configs": ["*.gin", "*/*.gin"]},
     install_requires=[
         "jax>=0.7.0",
         "flax>=0.10.0",

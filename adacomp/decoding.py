@@ -1,9 +1,9 @@
 """Batched autoregressive generation with a KV cache and SkipDecode layer skipping.
 
 The prompt is prefilled through every layer; each later step runs only the layers its position's
-schedule allows (`adacomp.methods.skipdecode.schedule`): the warm-up bottom layers, then the top ones, over
-the stacked block parameters with loop bounds that are data (`lax.fori_loop` with dynamic
-bounds compiles to a while loop), so skipped layers cost nothing. The schedule's monotonicity
+schedule allows (`adacomp.methods.skipdecode.schedule`): the warm-up bottom layers, then the
+top ones, over the stacked block parameters with loop bounds that are data (`lax.fori_loop` with
+dynamic bounds compiles to a while loop), so skipped layers cost nothing. The schedule's monotonicity
 means every cache entry a step reads was written earlier; no cache entry is ever rewritten
 (each step writes only its own position).
 

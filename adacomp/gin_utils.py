@@ -28,7 +28,19 @@ from adacomp.models import decoder  # pylint: disable=unused-import
 from adacomp.models import vit  # pylint: disable=unused-import
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS_DIR = os.path.join(REPO_ROOT, "configs")
+
+
+def _configs_dir() -> str:
+  """The checkout's configs/, or the copy an installed (non-editable) package ships."""
+  checkout = os.path.join(REPO_ROOT, "configs")
+  if os.path.isdir(checkout):
+    return checkout
+  spec = importlib.util.find_spec("adacomp_configs")
+  locations = list(getattr(spec, "submodule_search_locations", None) or []) if spec else []
+  return locations[0] if locations else checkout
+
+
+CONFIGS_DIR = _configs_dir()
 
 
 class GinConfigError(ValueError):
@@ -69,6 +81,26 @@ def search_paths(extra: Sequence[str] = ()) -> list:
   return [os.getcwd(), *[os.path.abspath(p) for p in extra], REPO_ROOT, CONFIGS_DIR]
 
 
+def _in_configs(path: str) -> Optional[str]:
+  """'configs/sizes/tiny.gin' (the spelling of configs and their includes) inside CONFIGS_DIR,
+  wherever that is (a checkout, or an installed package's adacomp_configs)."""
+  parts = os.path.normpath(path).split(os.sep)
+  if "configs" not in parts:
+    return None
+  candidate = os.path.join(CONFIGS_DIR, *parts[len(parts) - parts[::-1].index("configs"):])
+  return candidate if os.path.isfile(candidate) else None
+
+
+def _configs_reader() -> None:
+  """Lets gin's include statements find 'configs/...' in CONFIGS_DIR from any directory."""
+  readers = gin_config._FILE_READERS  # pylint: disable=protected-access
+  if any(getattr(exists, "_adacomp_configs", False) for _, exists in readers):
+    return
+  exists = lambda path: _in_configs(path) is not None
+  exists._adacomp_configs = True  # pylint: disable=protected-access
+  gin.config.register_file_reader(lambda path: open(_in_configs(path)), exists)
+
+
 def available_configs() -> list:
   """Every gin file under configs/, relative to the repository root."""
   return sorted(os.path.relpath(os.path.join(d, f), REPO_ROOT)
@@ -82,6 +114,8 @@ def resolve_gin_file(path: str, extra_search_paths: Sequence[str] = ()) -> str:
     candidate = os.path.join(root, path)
     if os.path.isfile(candidate):
       return candidate
+  if _in_configs(path):
+    return _in_configs(path)
   raise GinConfigError(
       f"Gin file {path!r} not found (looked in {', '.join(search_paths(extra_search_paths))}). "
       f"Available configs: {', '.join(available_configs())}.")
@@ -89,6 +123,7 @@ def resolve_gin_file(path: str, extra_search_paths: Sequence[str] = ()) -> str:
 
 def _add_search_paths(extra: Sequence[str]) -> None:
   _safe_readers()
+  _configs_reader()
   present = set(gin_config._LOCATION_PREFIXES)  # pylint: disable=protected-access
   for path in search_paths(extra):
     if path not in present:

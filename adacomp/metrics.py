@@ -21,6 +21,12 @@ def _format_duration(seconds: float) -> str:
   return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+def say(message: str) -> None:
+  """A line of the training log, printed by process 0 only (every process runs the same loop)."""
+  if jax.process_index() == 0:
+    print(message, file=sys.stdout, flush=True)
+
+
 class ProgressBar:
   """A tqdm bar driven by `bar(done, total)` calls (total None: unknown); closes at the end.
 
@@ -85,7 +91,7 @@ class MetricWriter:
       if key in scalars and scalars[key] is not None:
         parts.append(("loss {:.4f}" if key == "loss" else fmt).format(scalars[key]))
     parts.append(f"eta {_format_duration(eta)}")
-    print(" | ".join(parts), file=sys.stdout, flush=True)
+    say(" | ".join(parts))
 
   def close(self) -> None:
     if self._jsonl is not None:

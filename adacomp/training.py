@@ -281,19 +281,20 @@ def train(workdir: str, *, num_steps: int = gin.REQUIRED, batch_size: int = 16,
       state = state.replace(step=jnp.asarray(latest, jnp.int32), params=params,
                             opt_state=opt_state)
       start_step = latest
-      print(f"Resuming from checkpoint step {latest} in {manager.directory}", flush=True)
+      metrics_lib.say(f"Resuming from checkpoint step {latest} in {manager.directory}")
     elif init_checkpoint:
       params, new, unused = checkpointing.init_params_from(init_checkpoint, state.params)
       state = state.replace(params=params)
-      print(f"Initialised params from {init_checkpoint}" +
-            (f"; {len(new)} new parameter(s) keep their init: {', '.join(new[:6])}"
-             f"{' ...' if len(new) > 6 else ''}" if new else "") +
-            (f"; {len(unused)} checkpoint parameter(s) unused: {', '.join(unused[:6])}"
-             f"{' ...' if len(unused) > 6 else ''}" if unused else ""), flush=True)
+      metrics_lib.say(
+          f"Initialised params from {init_checkpoint}" +
+          (f"; {len(new)} new parameter(s) keep their init: {', '.join(new[:6])}"
+           f"{' ...' if len(new) > 6 else ''}" if new else "") +
+          (f"; {len(unused)} checkpoint parameter(s) unused: {', '.join(unused[:6])}"
+           f"{' ...' if len(unused) > 6 else ''}" if unused else ""))
     if latest is None:
-      print(f"Model: {count_params(state.params):,} parameters; mesh "
-            f"{dict(mesh.shape)}; {jax.device_count()} device(s), "
-            f"{jax.process_count()} process(es)", flush=True)
+      metrics_lib.say(f"Model: {count_params(state.params):,} parameters; mesh "
+                      f"{dict(mesh.shape)}; {jax.device_count()} device(s), "
+                      f"{jax.process_count()} process(es)")
 
     grad_mask = trainable_mask(gin.query_parameter("make_optimizer.trainable")
                                if _bound("make_optimizer.trainable") else None, state.params)
@@ -301,8 +302,8 @@ def train(workdir: str, *, num_steps: int = gin.REQUIRED, batch_size: int = 16,
       frozen = count_params(state.params) - sum(
           int(np.prod(x.shape)) for x, m in zip(jax.tree.leaves(state.params),
                                                 jax.tree.leaves(grad_mask)) if m)
-      print(f"Training {count_params(state.params) - frozen:,} parameters; {frozen:,} frozen "
-            f"(make_optimizer.trainable)", flush=True)
+      metrics_lib.say(f"Training {count_params(state.params) - frozen:,} parameters; "
+                      f"{frozen:,} frozen (make_optimizer.trainable)")
     step_fn = jax.jit(make_train_step(model, tx, seed, None, task_loss_weight, grad_mask,
                                       task=task_obj),
                       donate_argnums=0,
@@ -318,7 +319,7 @@ def train(workdir: str, *, num_steps: int = gin.REQUIRED, batch_size: int = 16,
       summary = task_obj.evaluate(eval_fn, state.params, data,
                                   lambda b: sharding.global_batch(b, mesh))
       writer.write(step, "validation", summary)
-      print(f"  eval @ step {step}: {task_obj.eval_line(summary)}", flush=True)
+      metrics_lib.say(f"  eval @ step {step}: {task_obj.eval_line(summary)}")
       return summary
 
     compiled_step, flops_per_step = None, None
@@ -343,8 +344,8 @@ def train(workdir: str, *, num_steps: int = gin.REQUIRED, batch_size: int = 16,
       if profile_steps and step == profile_steps[1] - 1:
         jax.block_until_ready(state)
         jax.profiler.stop_trace()
-        print(f"  profile of steps {profile_steps[0]}..{step} written to {profile_dir} "
-              f"(tensorboard --logdir {profile_dir})", flush=True)
+        metrics_lib.say(f"  profile of steps {profile_steps[0]}..{step} written to "
+                        f"{profile_dir} (tensorboard --logdir {profile_dir})")
       pending.append(step_metrics)
       window_steps += 1
       last = step == num_steps

@@ -44,7 +44,7 @@ def main():
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from adacomp import checkpointing, decoding, gin_utils, scoring
+  from adacomp import checkpointing, decoding, gin_utils, scoring  # pylint: disable=g-import-not-at-top
   from adacomp.methods.skipdecode import schedule as skip_schedule  # pylint: disable=g-import-not-at-top
   from adacomp import data as data_lib  # pylint: disable=g-import-not-at-top
   from adacomp.models.decoder import DecoderLM  # pylint: disable=g-import-not-at-top

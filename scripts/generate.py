@@ -28,13 +28,14 @@ FLAGS = flags.FLAGS
 
 
 def main():
-  from adacomp.methods import registry  # pylint: disable=g-import-not-at-top,unused-import
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
-  from adacomp import decoding, gin_utils  # pylint: disable=g-import-not-at-top
-  from adacomp.methods.skipdecode import schedule as skip_schedule  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  import os
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from adacomp import decoding, gin_utils
+  from adacomp.methods import registry  # pylint: disable=unused-import
+  from adacomp.methods.skipdecode import schedule as skip_schedule
 
   prompts = FLAGS.prompts
   if not os.path.isfile(prompts) and os.path.isfile(os.path.join(gin_utils.REPO_ROOT, prompts)):

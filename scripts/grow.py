@@ -1,4 +1,6 @@
-r"""Grows a trained TokenFormer checkpoint by appending parameter tokens (adacomp/methods/tokenformer/growth.py).
+r"""Grows a trained TokenFormer checkpoint by appending parameter tokens.
+
+The logic lives in adacomp/methods/tokenformer/growth.py.
 
   python scripts/grow.py --source=/tmp/adacomp/tokenformer --target=/tmp/adacomp/tf_grown \
       --factor=2

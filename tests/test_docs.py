@@ -120,10 +120,11 @@ def test_train_command_parses_and_passes_its_stage_input(item):
 def test_train_runs_from_another_directory(corpus, tmp_path):
   elsewhere = tmp_path / "elsewhere"
   elsewhere.mkdir()
-  tiny = ["DecoderConfig.num_layers = 1", "DecoderConfig.d_model = 32", "DecoderConfig.d_ff = 64",
-          "DecoderConfig.num_heads = 2", "DecoderConfig.head_dim = 16", "DecoderConfig.max_len = 32",
-          "train.seq_len = 32", "train.batch_size = 2", "train.num_steps = 3", "train.log_every = 1",
-          "train.eval_every = 0", "train.eval_batches = 1", "make_manager.save_every = 3"]
+  tiny = ["DecoderConfig.num_layers = 1", "DecoderConfig.d_model = 32",
+          "DecoderConfig.d_ff = 64", "DecoderConfig.num_heads = 2", "DecoderConfig.head_dim = 16",
+          "DecoderConfig.max_len = 32", "train.seq_len = 32", "train.batch_size = 2",
+          "train.num_steps = 3", "train.log_every = 1", "train.eval_every = 0",
+          "train.eval_batches = 1", "make_manager.save_every = 3"]
   cmd = [sys.executable, os.path.join(REPO, "train.py"), "--gin_file=configs/duo.gin",
          f"--workdir={tmp_path / 'run'}"]
   cmd += [f"--gin_bindings={b}" for b in tiny + corpus_bindings(corpus)]

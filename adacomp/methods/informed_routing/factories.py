@@ -3,8 +3,8 @@
 `layers.routing.RoutedFFN` plugs into `DecoderConfig.ffn_cls` and `RoutedAttention` into
 `DecoderConfig.attention_cls`; which units are routed is which of the two slots a config sets
 (configs/informed_routing.gin routes the FFNs; add the attention line to route both). As for
-Duo (adacomp/methods/duo/factories.py), gin configures factories returning the classes with their routing
-attributes bound, because flax linen classes cannot be gin-configurable themselves:
+Duo (adacomp/methods/duo/factories.py), gin configures factories returning the classes with
+their routing attributes bound, because flax linen classes cannot be gin-configurable themselves:
 
     DecoderConfig.ffn_cls = @routed_ffn()
     routed_ffn.sparsity = %SPARSITY

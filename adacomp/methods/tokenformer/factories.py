@@ -1,7 +1,8 @@
 """Gin registration of TokenFormer's layers (`layers.pattention`).
 
-As for Duo (adacomp/methods/duo/factories.py), gin configures factories returning the layer classes with
-their TokenFormer attributes bound; `DecoderBlock` then calls them like any attention / FFN:
+As for Duo (adacomp/methods/duo/factories.py), gin configures factories returning the layer
+classes with their TokenFormer attributes bound; `DecoderBlock` then calls them like any
+attention / FFN:
 
     DecoderConfig.attention_cls = @tokenformer_attention()
     DecoderConfig.ffn_cls = @tokenformer_ffn()
