@@ -21,7 +21,7 @@ sqrt(n_new / n_old)):
     is GeLU'(0) * tau / ||s|| * <dL/dy, v_j> * x = 0.5 tau/||s|| <dL/dy, v_j> x, non-zero
     because V_new is random (the grown model's own init); the values' gradient GeLU(0) = 0 is
     zero until the keys have moved (one step). LoRA's trick with the roles of the sides swapped.
-  * V_new = 0, K_new ~ N(0, key_std) ("zero_values", METHODS.md's suggestion): the new tokens
+  * V_new = 0, K_new ~ N(0, key_std) ("zero_values", once suggested as exact): the new tokens
     add nothing, but every old score is multiplied by c = ||s_old|| / sqrt(||s_old||^2 +
     ||s_new||^2) < 1, so the function is preserved only approximately: each Pattention output
     moves by at most max|GeLU'| * (1 - c) * |z| per score (|GeLU'| <= 1.13 for the tanh form),
