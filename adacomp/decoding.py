@@ -11,7 +11,7 @@ Prompts in a batch share one length (batch-uniform positions are what SkipDecode
 """
 import dataclasses
 import functools
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -143,29 +143,90 @@ def sample(logits, key, sampling: SamplingConfig):
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("decoder", "max_new_tokens", "sampling"))
+class Generation(NamedTuple):
+  """What `generate` returns, row by row.
+
+  tokens:   int32 [b, p_max + max_new_tokens]: each row's prompt, then its continuation of at
+            most max_new_tokens tokens; after it (or after the row's EOS, kept) `pad_id`.
+  logprobs: float32 [b, p_max + max_new_tokens]: log-probability under the model (the raw
+            logits, before temperature or filtering) of each generated token; 0 at prompt and
+            padding positions.
+  generated: bool [b, p_max + max_new_tokens]: which positions hold generated tokens.
+  """
+  tokens: jax.Array
+  logprobs: jax.Array
+  generated: jax.Array
+
+
+@functools.partial(jax.jit, static_argnames=("decoder", "max_new_tokens", "sampling", "eos_id",
+                                             "pad_id"))
 def generate(decoder: Decoder, params, prompt, schedule, key, *, max_new_tokens: int,
-             sampling: SamplingConfig = SamplingConfig()):
-  """Prompt [b, p] -> tokens [b, p + max_new_tokens]; schedule: int [>= p + max_new_tokens]
-  active layers per position (the prompt always runs every layer)."""
+             sampling: SamplingConfig = SamplingConfig(), prompt_lens=None,
+             eos_id: Optional[int] = None, pad_id: int = 0) -> Generation:
+  """Continues every row of `prompt` by `max_new_tokens` tokens.
+
+  prompt: int [b, p_max], right-padded; prompt_lens: int [b] (default: every row p_max). Rows
+  keep their own positions (no left padding): the shortest prompt is prefilled, and at later
+  positions a row still inside its prompt is fed its next prompt token instead of a sample, so
+  every prompt is used whole and a row's tokens do not depend on the other rows' lengths (the
+  dense decoder's rows never interact). schedule: int [>= p_max + max_new_tokens], active
+  layers per position; a position inside any row's prompt should run every layer (SkipDecode
+  schedules take warmup_len = p_max). A row stops at its first generated `eos_id`.
+  """
   b, p = prompt.shape
   total = p + max_new_tokens
+  lens = jnp.full((b,), p, jnp.int32) if prompt_lens is None else jnp.asarray(prompt_lens,
+                                                                              jnp.int32)
+  start = jnp.min(lens)
+  # Prefill the longest prefix every row has; rows run on from their own prompts below.
   cache = decoder.init_cache(b, total)
-  logits, cache = decoder.prefill(params, cache, prompt)
-  tokens = jnp.zeros((b, total), jnp.int32).at[:, :p].set(prompt)
-  first = sample(logits[:, -1], jax.random.fold_in(key, p), sampling)
-  tokens = tokens.at[:, p].set(first)
+  prompt_area = jnp.arange(p)[None, :] < lens[:, None]
+  tokens = jnp.zeros((b, total), jnp.int32).at[:, :p].set(jnp.where(prompt_area, prompt, 0))
+  prefix = jnp.where(jnp.arange(p)[None, :] < start, prompt, 0)
+  logits, cache = _prefill_prefix(decoder, params, cache, prefix, start)
+
+  def choose(position, logits, carry):
+    """The token at `position` + 1: the prompt's while inside it, else a sample."""
+    tokens, logprobs, generated, done = carry
+    nxt = sample(logits, jax.random.fold_in(key, position + 1), sampling)
+    in_prompt = position + 1 < lens
+    prompt_token = jax.lax.dynamic_index_in_dim(tokens, position + 1, axis=1, keepdims=False)
+    new = ~in_prompt & ~done
+    token = jnp.where(in_prompt, prompt_token, jnp.where(done, pad_id, nxt))
+    lp = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32), -1),
+                             token[:, None], -1)[:, 0]
+    tokens = jax.lax.dynamic_update_index_in_dim(tokens, token, position + 1, axis=1)
+    logprobs = jax.lax.dynamic_update_index_in_dim(logprobs, jnp.where(new, lp, 0.0),
+                                                   position + 1, axis=1)
+    generated = jax.lax.dynamic_update_index_in_dim(generated, new, position + 1, axis=1)
+    # A row is done after its own max_new_tokens (rows with shorter prompts start earlier) or
+    # at its first EOS.
+    done = done | (new & (position + 2 - lens >= max_new_tokens))
+    if eos_id is not None:
+      done = done | (new & (token == eos_id))
+    return tokens, logprobs, generated, done
+
+  carry = (tokens, jnp.zeros((b, total), jnp.float32), jnp.zeros((b, total), bool),
+           jnp.zeros((b,), bool))
+  carry = choose(start - 1, logits, carry)
 
   def body(position, carry):
-    tokens, cache = carry
-    token = jax.lax.dynamic_index_in_dim(tokens, position, axis=1, keepdims=False)
-    logits, cache = decoder.step(params, cache, token, position, schedule[position])
-    nxt = sample(logits, jax.random.fold_in(key, position + 1), sampling)
-    tokens = jax.lax.dynamic_update_index_in_dim(tokens, nxt, position + 1, axis=1)
-    return tokens, cache
+    token = jax.lax.dynamic_index_in_dim(carry[0], position, axis=1, keepdims=False)
+    logits, cache = decoder.step(params, carry[4], token, position, schedule[position])
+    return (*choose(position, logits, carry[:4]), cache)
 
-  tokens, _ = jax.lax.fori_loop(p, total - 1, body, (tokens, cache))
-  return tokens
+  tokens, logprobs, generated, _, _ = jax.lax.fori_loop(start, total - 1, body,
+                                                         (*carry, cache))
+  return Generation(tokens, logprobs, generated)
+
+
+def _prefill_prefix(decoder, params, cache, tokens, length):
+  """Prefills positions [0, length) (a traced length <= tokens.shape[1]) and returns the logits
+  at position length - 1, [b, V]. Runs the whole padded width through every layer: entries
+  past `length` are written to the cache but each decode step overwrites its own position
+  before any query reads it, and causal masking keeps them out of the earlier positions."""
+  logits, cache = decoder.prefill(params, cache, tokens)
+  return jax.lax.dynamic_index_in_dim(logits, length - 1, axis=1, keepdims=False), cache
 
 
 def teacher_forced_logits(decoder: Decoder, params, tokens, schedule, prompt_len: int = 1):
@@ -183,6 +244,65 @@ def teacher_forced_logits(decoder: Decoder, params, tokens, schedule, prompt_len
   return jnp.concatenate(out, axis=1)
 
 
+
+
+def generate_rows(model, params, tokenizer, prompts, schedule_fn, key, *, max_new_tokens: int,
+                  sampling: SamplingConfig = SamplingConfig(), warmup_layers: int = 1,
+                  layer_mask_fn=None) -> tuple:
+  """Generates a continuation of every prompt (strings, any lengths) in one batch.
+
+  `schedule_fn(total_len, prompt_len)` gives the active layers per position (the prompt,
+  the longest one's positions, runs every layer); `layer_mask_fn(schedule)` the bool
+  [layers, positions] mask that prices the generated tokens (None: every layer). Returns
+  (rows, stats): one dict per prompt with `prompt`, `continuation`, `ids` and `logprobs` of the
+  generated tokens (EOS included when the row stopped there) and `macs_per_token` (the sown
+  MACs of the generated positions under the schedule); stats has `tokens_per_s` (generated
+  tokens over the compiled call's time, compile excluded), `compile_s`, `schedule` and
+  `prompt_width` (the longest prompt, BOS included).
+  """
+  import time  # pylint: disable=g-import-not-at-top
+  from adacomp import scoring  # pylint: disable=g-import-not-at-top
+  encoded = [np.concatenate([[tokenizer.bos_id], tokenizer.encode(p)]).astype(np.int32)
+             for p in prompts]
+  lens = np.asarray([len(e) for e in encoded], np.int32)
+  width = int(lens.max())
+  total = width + max_new_tokens
+  if total > model.config.max_len:
+    raise ValueError(f"The longest prompt ({width} tokens with BOS) plus --max_new_tokens="
+                     f"{max_new_tokens} exceeds the model's max_len={model.config.max_len}; "
+                     f"shorten the prompts or generate fewer tokens.")
+  prompt = np.zeros((len(prompts), width), np.int32)
+  for row, e in enumerate(encoded):
+    prompt[row, :len(e)] = e
+  schedule = jnp.asarray(schedule_fn(total, width), jnp.int32)
+  decoder = Decoder(model.config, warmup_layers=warmup_layers)
+  args = (params, jnp.asarray(prompt), schedule, key)
+  kwargs = dict(max_new_tokens=max_new_tokens, sampling=sampling, prompt_lens=jnp.asarray(lens),
+                eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+  start = time.perf_counter()
+  compiled = generate.lower(decoder, *args, **kwargs).compile()
+  compile_s = time.perf_counter() - start
+  start = time.perf_counter()
+  out = jax.block_until_ready(compiled(*args, prompt_lens=kwargs["prompt_lens"]))
+  elapsed = time.perf_counter() - start
+  tokens, logprobs, generated = (np.asarray(a) for a in out)
+  mask = None if layer_mask_fn is None else layer_mask_fn(np.asarray(schedule))
+  # Price the generated positions with the layers' own sown MACs under the schedule's mask.
+  _, state = model.apply({"params": params}, jnp.asarray(tokens), layer_mask=mask,
+                         mutable=["intermediates"])
+  macs = np.asarray(scoring.macs_per_token(state["intermediates"], tokens.shape, mask))
+  rows = []
+  for row, text in enumerate(prompts):
+    new = generated[row]
+    ids = tokens[row][new]
+    rows.append({"prompt": text, "continuation": tokenizer.decode(
+        [int(i) for i in ids if int(i) != tokenizer.eos_id]),
+                 "ids": [int(i) for i in ids], "logprobs": [float(x) for x in logprobs[row][new]],
+                 "macs_per_token": float(macs[row][new].mean()) if new.any() else 0.0})
+  count = int(generated.sum())
+  return rows, {"tokens_per_s": count / max(elapsed, 1e-9), "compile_s": compile_s,
+                "generated_tokens": count, "schedule": np.asarray(schedule),
+                "prompt_width": width}
 
 
 def load_checkpoint_for_decoding(checkpoint_dir: str, step: Optional[int] = None):

@@ -3,8 +3,11 @@ r"""Generates continuations of prompts with a trained checkpoint, optionally und
   python scripts/generate.py --checkpoint_dir=/tmp/adacomp/dense --prompts=docs/prompts.txt \
       --max_new_tokens=64 --speedup=2 --temperature=0.8 --top_p=0.95
 
-One prompt per line of --prompts; prompts are cut to the shortest one's length so that a batch
-shares positions (SkipDecode's batch-uniform exit points). Writes JSONL to --output.
+One prompt per line of --prompts, each used whole (rows keep their own positions; the longest
+prompt's positions run every layer, then the SkipDecode schedule, batch-uniform, applies). A row
+stops at its EOS or after --max_new_tokens. Writes one JSONL row per prompt to --output:
+prompt, continuation, ids and logprobs of the generated tokens, macs_per_token, tokens_per_s.
+Models whose routing is not causal (informed routing, Mixture-of-Depths) are refused.
 """
 import json
 import time
@@ -31,11 +34,13 @@ def main():
   # pylint: disable=g-import-not-at-top
   import os
   import jax
-  import jax.numpy as jnp
   import numpy as np
   from adacomp import decoding, gin_utils
   from adacomp.methods import registry  # pylint: disable=unused-import
   from adacomp.methods.skipdecode import schedule as skip_schedule
+  from adacomp import checkpointing, data
+  from adacomp.models import build
+  from layers import routing
 
   prompts = FLAGS.prompts
   if not os.path.isfile(prompts) and os.path.isfile(os.path.join(gin_utils.REPO_ROOT, prompts)):
@@ -46,37 +51,46 @@ def main():
   lines = [l.rstrip("\n") for l in open(prompts, encoding="utf-8") if l.strip()]
   if not lines:
     raise ValueError(f"--prompts={FLAGS.prompts} holds no prompt; write one prompt per line.")
-  gin_utils.parse_checkpoint_config(FLAGS.checkpoint_dir)
-  decoder, params, tokenizer, meta = decoding.load_checkpoint_for_decoding(FLAGS.checkpoint_dir)
-  encoded = [np.concatenate([[tokenizer.bos_id], tokenizer.encode(l)]) for l in lines]
-  length = min(len(e) for e in encoded)
-  prompt = jnp.asarray(np.stack([e[:length] for e in encoded]), jnp.int32)
-  total = length + FLAGS.max_new_tokens
-  layers = decoder.config.num_layers
-  if FLAGS.speedup > 1.0:
-    schedule = skip_schedule.schedule_for_speedup(total, layers, speedup=FLAGS.speedup,
-                                                  warmup_len=length,
-                                                  warmup_layers=FLAGS.warmup_layers)
-  else:
-    schedule = skip_schedule.full_schedule(total, layers)
-  decoder.warmup_layers = FLAGS.warmup_layers
-  sampling = decoding.SamplingConfig(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
-  start = time.time()
-  tokens = jax.block_until_ready(decoding.generate(
-      decoder, params, prompt, jnp.asarray(schedule), jax.random.key(FLAGS.seed),
-      max_new_tokens=FLAGS.max_new_tokens, sampling=sampling))
-  elapsed = time.time() - start
-  output = FLAGS.output or f"{FLAGS.checkpoint_dir.rstrip('/')}/generations.jsonl"
+  if FLAGS.max_new_tokens < 1:
+    raise ValueError(f"--max_new_tokens={FLAGS.max_new_tokens}: generate at least one token.")
+  step, meta = gin_utils.parse_checkpoint_config(FLAGS.checkpoint_dir)
+  model, params = build.load_decoder(FLAGS.checkpoint_dir, meta, step)
+  for slot in ("ffn_cls", "attention_cls"):
+    cls = getattr(model.config, slot)
+    cls = getattr(cls, "func", cls)
+    if isinstance(cls, type) and issubclass(cls, (routing.RoutedFFN, routing.RoutedAttention)):
+      raise ValueError(
+          f"{FLAGS.checkpoint_dir} routes tokens with a per-sequence top-k ({cls.__name__}), "
+          f"which is not causal: a generating model cannot make those decisions, so this "
+          f"script refuses rather than decode a different model.")
+  layers = model.config.num_layers
+
+  def schedule_fn(total, prompt_width):
+    if FLAGS.speedup > 1.0:
+      return skip_schedule.schedule_for_speedup(total, layers, speedup=FLAGS.speedup,
+                                                warmup_len=prompt_width,
+                                                warmup_layers=FLAGS.warmup_layers)
+    return skip_schedule.full_schedule(total, layers)
+
+  rows, stats = decoding.generate_rows(
+      model, params, data.get_tokenizer(), lines, schedule_fn, jax.random.key(FLAGS.seed),
+      max_new_tokens=FLAGS.max_new_tokens,
+      sampling=decoding.SamplingConfig(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p),
+      warmup_layers=FLAGS.warmup_layers,
+      layer_mask_fn=lambda s: skip_schedule.active_layer_mask(s, layers, FLAGS.warmup_layers))
+  output = FLAGS.output or os.path.join(
+      str(checkpointing.checkpoint_root(FLAGS.checkpoint_dir).parent), "generations.jsonl")
   with open(output, "w", encoding="utf-8") as f:
-    for line, row in zip(lines, np.asarray(tokens)):
-      text = tokenizer.decode(row[length:])
-      f.write(json.dumps({"prompt": line, "prompt_used": tokenizer.decode(row[1:length]),
-                          "generation": text}) + "\n")
-      print(f"--- {line[:60]!r}\n{text}\n")
-  mean_active = float(np.mean(schedule[length:]))
-  print(f"{len(lines)} prompts x {FLAGS.max_new_tokens} tokens in {elapsed:.2f}s (incl. compile); "
-        f"mean active layers {mean_active:.2f}/{layers} (ideal speedup "
-        f"{layers / mean_active:.2f}x). Wrote {output}")
+    for row in rows:
+      row["tokens_per_s"] = stats["tokens_per_s"]
+      f.write(json.dumps(row) + "\n")
+      print(f"--- {row['prompt'][:60]!r}\n{row['continuation']}\n")
+  macs = float(np.mean([r["macs_per_token"] for r in rows]))
+  active = float(np.mean(stats["schedule"][stats["prompt_width"]:]))
+  print(f"{len(rows)} prompts, {stats['generated_tokens']} tokens at "
+        f"{stats['tokens_per_s']:,.0f} tokens/s (compile {stats['compile_s']:.1f}s excluded); "
+        f"{macs / 1e6:.3f} MMACs per generated token; mean active layers after the prompts "
+        f"{active:.2f}/{layers} (ideal speedup {layers / active:.2f}x). Wrote {output}")
 
 
 if __name__ == "__main__":

@@ -103,12 +103,58 @@ def test_greedy_generation_extends_the_prompt_with_argmax_tokens(params):
   decoder = decoding.Decoder(CFG)
   prompt = _tokens(t=4)
   schedule = jnp.asarray(skip_schedule.full_schedule(10, CFG.num_layers))
-  out = decoding.generate(decoder, params, prompt, schedule, jax.random.key(0),
+  gen = decoding.generate(decoder, params, prompt, schedule, jax.random.key(0),
                           max_new_tokens=6)
+  out = gen.tokens
   assert out.shape == (2, 10)
   np.testing.assert_array_equal(out[:, :4], prompt)
   logits = DecoderLM(CFG).apply({"params": params}, out)
   np.testing.assert_array_equal(out[:, 4:], jnp.argmax(logits[:, 3:-1], axis=-1))
+  # Each generated token's log-probability is the full forward pass's log-softmax at it.
+  expected = jnp.take_along_axis(jax.nn.log_softmax(logits[:, 3:-1], -1), out[:, 4:, None],
+                                 -1)[..., 0]
+  np.testing.assert_allclose(gen.logprobs[:, 4:], expected, rtol=1e-5, atol=1e-5)
+  assert not np.any(gen.generated[:, :4]) and np.all(gen.generated[:, 4:])
+
+
+def test_rows_of_different_prompt_lengths_generate_as_they_would_alone(params):
+  """Three prompt lengths in one batch: each prompt is used whole, and each row's tokens and
+  log-probabilities equal that prompt generated alone."""
+  decoder = decoding.Decoder(CFG)
+  lens = [3, 7, 5]
+  full = np.asarray(_tokens(b=3, t=7))
+  prompt = np.where(np.arange(7)[None, :] < np.asarray(lens)[:, None], full, 0)
+  schedule = jnp.asarray(skip_schedule.full_schedule(13, CFG.num_layers))
+  batch = decoding.generate(decoder, params, jnp.asarray(prompt), schedule, jax.random.key(0),
+                            max_new_tokens=6, prompt_lens=jnp.asarray(lens))
+  for row, n in enumerate(lens):
+    alone = decoding.generate(decoder, params, jnp.asarray(full[row:row + 1, :n]),
+                              jnp.asarray(skip_schedule.full_schedule(n + 6, CFG.num_layers)),
+                              jax.random.key(0), max_new_tokens=6)
+    np.testing.assert_array_equal(batch.tokens[row, :n + 6], alone.tokens[0])
+    np.testing.assert_allclose(batch.logprobs[row, :n + 6], alone.logprobs[0], atol=2e-5)
+    assert int(batch.generated[row].sum()) == 6 and np.all(batch.generated[row, n:n + 6])
+    assert np.all(np.asarray(batch.tokens[row, n + 6:]) == 0)  # pad_id after its 6 tokens
+
+
+def test_a_row_stops_at_its_own_eos(params):
+  decoder = decoding.Decoder(CFG)
+  prompt = _tokens(b=2, t=4)
+  schedule = jnp.asarray(skip_schedule.full_schedule(12, CFG.num_layers))
+  free = decoding.generate(decoder, params, prompt, schedule, jax.random.key(0),
+                           max_new_tokens=8)
+  eos = int(free.tokens[0, 6])  # row 0's third generated token becomes the EOS
+  stopped = decoding.generate(decoder, params, prompt, schedule, jax.random.key(0),
+                              max_new_tokens=8, eos_id=eos, pad_id=CFG.vocab_size - 1)
+  first = [int(np.argmax(np.asarray(free.tokens[r, 4:]) == eos)) + 4
+           if eos in np.asarray(free.tokens[r, 4:]) else None for r in range(2)]
+  for r in range(2):
+    if first[r] is None:
+      np.testing.assert_array_equal(stopped.tokens[r], free.tokens[r])
+      continue
+    np.testing.assert_array_equal(stopped.tokens[r, :first[r] + 1], free.tokens[r, :first[r] + 1])
+    assert np.all(np.asarray(stopped.tokens[r, first[r] + 1:]) == CFG.vocab_size - 1)
+    assert not np.any(stopped.generated[r, first[r] + 1:])
 
 
 def test_top_k_one_sampling_is_greedy_and_top_p_keeps_the_mass():
@@ -131,12 +177,13 @@ def test_schedule_for_speedup_hits_the_flop_ratio_target(speedup):
   np.testing.assert_allclose(skip_schedule.mean_speedup(s, 12, start=32), speedup, rtol=0.05)
 
 
-def test_generate_cli_writes_one_generation_per_prompt(corpus, tmp_path):
+def test_generate_cli_keeps_every_prompt_whole_and_writes_ids_and_logprobs(corpus, tmp_path):
   configure(corpus, "train.num_steps = 2", "DecoderConfig.num_layers = 3")
   training.train(str(tmp_path / "run"))
   gin.clear_config()
   prompts = tmp_path / "prompts.txt"
-  prompts.write_text("def main(\nimport os\n\nclass A:\n")
+  lines = ["def main(argv):", "import os", "class A:\tpass  # three lengths"]
+  prompts.write_text("\n".join(lines[:2]) + "\n\n" + lines[2] + "\n")
   out = subprocess.run(
       [sys.executable, os.path.join(REPO, "scripts", "generate.py"),
        f"--checkpoint_dir={tmp_path / 'run'}", f"--prompts={prompts}", "--max_new_tokens=8",
@@ -144,8 +191,25 @@ def test_generate_cli_writes_one_generation_per_prompt(corpus, tmp_path):
       capture_output=True, text=True, cwd=REPO, timeout=300, check=False)
   assert out.returncode == 0, out.stderr[-3000:]
   rows = [json.loads(l) for l in open(tmp_path / "gen.jsonl")]
-  assert [r["prompt"] for r in rows] == ["def main(", "import os", "class A:"]
+  assert [r["prompt"] for r in rows] == lines
+  eos = 258  # the byte tokenizer's
+  for r in rows:
+    assert len(r["ids"]) == len(r["logprobs"]) and 1 <= len(r["ids"]) <= 8
+    assert len(r["ids"]) == 8 or r["ids"][-1] == eos  # stopped early only at EOS
+    assert eos not in r["ids"][:-1]
+    assert all(lp <= 0.0 for lp in r["logprobs"]) and r["macs_per_token"] > 0
   assert "ideal speedup" in out.stdout
+
+
+def test_generate_cli_names_a_missing_or_empty_prompts_file(corpus, tmp_path):
+  empty = tmp_path / "empty.txt"
+  empty.write_text("\n\n")
+  for path, message in ((tmp_path / "nope.txt", "no such file"), (empty, "holds no prompt")):
+    out = subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", "generate.py"),
+         f"--checkpoint_dir={tmp_path}", f"--prompts={path}"],
+        capture_output=True, text=True, cwd=REPO, timeout=300, check=False)
+    assert out.returncode == 1 and message in out.stderr and "Traceback" not in out.stderr
 
 
 @pytest.mark.parametrize("scan", [True, False])
