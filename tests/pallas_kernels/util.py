@@ -7,13 +7,25 @@ interpreters fill output memory with NaN before the kernel runs (Mosaic's TPU in
 each VMEM output block, the HLO interpreter each output array), so an element the kernel forgot
 to write shows up as NaN. test_dispatch.py checks that premise.
 """
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Kernel implementations runnable on CPU: the TPU kernel under Mosaic's TPU interpreter and the
-# Triton kernel under the HLO interpreter.
-INTERPRETERS = ("interpret", "interpret_gpu")
+# The kernel implementations the tests run. On CPU: the TPU kernel under Mosaic's TPU interpreter
+# and the Triton kernel under the HLO interpreter. On an accelerator,
+# ADACOMP_KERNEL_TEST_IMPLS=pallas runs the same tests on the compiled kernel of the platform
+# (benchmarks/run_accelerator.sh sets it).
+INTERPRETERS = tuple(os.environ.get("ADACOMP_KERNEL_TEST_IMPLS",
+                                    "interpret,interpret_gpu").split(","))
+
+
+def kernel_module(impl: str, tpu, gpu):
+  """(module, interpret) for tests that call a kernel module's functions directly."""
+  if impl == "pallas":
+    return (tpu if jax.default_backend() == "tpu" else gpu), False
+  return {"interpret": tpu, "interpret_gpu": gpu}[impl], True
 
 TOLERANCE = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.bfloat16): 1e-2}
 

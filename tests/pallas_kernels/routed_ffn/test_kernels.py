@@ -17,7 +17,6 @@ M, D, F = 61, 136, 200
 SIZES = jnp.array([13, 0, 20], jnp.int32)
 WIDTHS = jnp.array([200, 130, 64], jnp.int32)
 BLOCKS = dict(block_m=16, block_k=128, block_n=128)
-BACKEND = {"interpret": tpu, "interpret_gpu": gpu}
 INTERPRET = pytest.mark.parametrize("impl", util.INTERPRETERS)
 
 
@@ -35,15 +34,17 @@ def _ffn(impl, x, w_in, w_out, sizes=SIZES, widths=WIDTHS):
 @INTERPRET
 def test_gmm_matches_reference_on_ragged_and_empty_groups(impl):
   x, w_in, _ = _inputs()
-  out = util.jit_call(BACKEND[impl].gmm, x, w_in, SIZES, n_limit=WIDTHS, interpret=True, **BLOCKS)
+  kernel, interpret = util.kernel_module(impl, tpu, gpu)
+  out = util.jit_call(kernel.gmm, x, w_in, SIZES, n_limit=WIDTHS, interpret=interpret, **BLOCKS)
   util.assert_matches(out, util.jit_call(reference.gmm, x, w_in, SIZES, n_limit=WIDTHS))
 
 
 @INTERPRET
 def test_gmm_with_transposed_rhs_and_k_limit_matches_reference(impl):
   x, _, w_out = _inputs()
-  out = util.jit_call(BACKEND[impl].gmm, x, w_out, SIZES, k_limit=WIDTHS, transpose_rhs=True,
-                      interpret=True, **BLOCKS)
+  kernel, interpret = util.kernel_module(impl, tpu, gpu)
+  out = util.jit_call(kernel.gmm, x, w_out, SIZES, k_limit=WIDTHS, transpose_rhs=True,
+                      interpret=interpret, **BLOCKS)
   util.assert_matches(out, util.jit_call(reference.gmm, x, w_out, SIZES, k_limit=WIDTHS,
                                          transpose_rhs=True))
 
@@ -52,7 +53,8 @@ def test_gmm_with_transposed_rhs_and_k_limit_matches_reference(impl):
 def test_tgmm_matches_reference_and_gives_empty_groups_zero(impl):
   x, _, _ = _inputs()
   y = util.normal(util.keys(5, 1)[0], (M, F))
-  out = util.jit_call(BACKEND[impl].tgmm, x, y, SIZES, b_limit=WIDTHS, interpret=True, **BLOCKS)
+  kernel, interpret = util.kernel_module(impl, tpu, gpu)
+  out = util.jit_call(kernel.tgmm, x, y, SIZES, b_limit=WIDTHS, interpret=interpret, **BLOCKS)
   util.assert_matches(out, util.jit_call(reference.tgmm, x, y, SIZES, b_limit=WIDTHS))
   assert not np.asarray(out[1]).any()
 
