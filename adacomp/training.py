@@ -225,13 +225,17 @@ class SpikeDetector:
 
   The loss of step s is computed from the parameters of step s-1, so an update that blew the
   parameters up shows in the loss only one step later, after step s-1 may have been saved; the
-  parameter norm is checked too so that such a step is never kept as the last good one. The
-  history restarts on resume. factor None switches the check off.
+  parameter norm is checked too, against a history that starts with the norm of the starting
+  parameters, so that such a step is never kept as the last good one. The history restarts on
+  resume. factor None switches the check off.
   """
 
   def __init__(self, factor: Optional[float], window: int, warmup: int):
     self.factor, self.window, self.warmup = factor, window, warmup
     self.history = {"loss": [], "param_norm": []}
+
+  def start(self, param_norm: float) -> None:
+    self.history["param_norm"] = [param_norm] * self.warmup
 
   def check(self, step: int, host_metrics: dict, manager) -> None:
     if self.factor is None:
@@ -288,7 +292,7 @@ def train(workdir: str, *, num_steps: int = gin.REQUIRED, batch_size: int = 16,
           init_checkpoint: Optional[str] = None, task_loss_weight: float = 1.0,
           task: str = "lm", profile_steps: Optional[Tuple[int, int]] = None,
           spike_factor: Optional[float] = 10.0, spike_window: int = 50,
-          spike_warmup: int = 2) -> dict:
+          spike_warmup: int = 1) -> dict:
   """Trains the gin-configured model in `workdir`; returns the final evaluation summary.
 
   `init_checkpoint` (a workdir or its checkpoints/ folder) starts a new run from another run's
@@ -382,6 +386,15 @@ def _bound_or(name: str, default):
     return default
 
 
+def _agreed(flag: bool) -> bool:
+  """Process 0's answer on every process (a process that looked after process 0 created the
+  checkpoint folder would otherwise restore alone and the collectives would not match)."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
+
+
 def _first_batch(train_iter, mesh):
   """The first training batch, read before the workdir is written (a corrupt or unreadable data
   file fails here, not after config.gin and the first checkpoint)."""
@@ -415,7 +428,7 @@ def _train(workdir_path, *, num_steps, batch_size, seq_len, seed, log_every, eva
                                                        task=task_obj)
     train_iter = iter(train_data)
     start_step, latest, skipped = 0, None, []
-    if root.exists():
+    if _agreed(root.exists()):
       with checkpointing._read_only_manager(root) as reader:  # pylint: disable=protected-access
         latest, params, opt_state, skipped = checkpointing.find_resumable(reader, abstract,
                                                                           train_iter)
@@ -432,6 +445,7 @@ def _train(workdir_path, *, num_steps, batch_size, seq_len, seed, log_every, eva
             (f"; {len(unused)} checkpoint parameter(s) unused: {', '.join(unused[:6])}"
              f"{' ...' if len(unused) > 6 else ''}" if unused else ""), flush=True)
     first_batch = _first_batch(train_iter, mesh) if start_step < num_steps else None
+    spikes.start(float(jax.jit(optax.tree.norm)(state.params)))
 
     # Every check passed: from here on the workdir is written.
     manager = checkpointing.make_manager(str(workdir_path))
