@@ -1,6 +1,6 @@
 r"""Runs one fault of every kind against a real tiny run and prints what each one did.
 
-  python scripts/fault_table.py                      # table to stdout and docs/fault_table.md
+  python scripts/fault_table.py                      # table to stdout and <scratch>/fault_table.md
   python scripts/fault_table.py --out=/tmp/faults.md --workdir=/tmp/adacomp_faults
 
 A tiny run (tests/testdata/tiny_train.gin on a 12-file corpus, steps 2, 4, 6, 8 saved) is
@@ -29,12 +29,13 @@ import time
 
 from absl import app
 from absl import flags
+from absl import logging
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_GIN = os.path.join(REPO, "tests", "testdata", "tiny_train.gin")
 
-flags.DEFINE_string("out", os.path.join(REPO, "docs", "fault_table.md"),
-                    "Markdown file the table is written to.")
+flags.DEFINE_string("out", None, "Markdown file the table is written to (default: "
+                    "fault_table.md in the scratch directory).")
 flags.DEFINE_string("workdir", None, "Scratch directory (default: a new temporary one).")
 flags.DEFINE_list("only", [], "Run only the cases with these names.")
 FLAGS = flags.FLAGS
@@ -266,11 +267,13 @@ def cases(r: Runner):
     os.makedirs(w)
     mounted = False
     if os.geteuid() == 0:
-      used = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(r.base) for f in fs)
-      mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={used + 200_000}", "tmpfs",
-                                w], capture_output=True, check=False).returncode == 0
+      mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", w],
+                               capture_output=True, check=False).returncode == 0
     try:
       shutil.copytree(r.base, w, dirs_exist_ok=True)
+      if mounted:  # shrink it to what the copy uses plus 64 kB: too little for another step
+        used = shutil.disk_usage(w).used
+        subprocess.run(["mount", "-o", f"remount,size={used + 64 * 1024}", w], check=True)
       before = tree_hash(os.path.join(w, "checkpoints"))
       bindings = ("train.num_steps = 10", "make_optimizer.decay_steps = 10")
       if mounted:
@@ -282,7 +285,7 @@ def cases(r: Runner):
       root = os.path.join(w, "checkpoints")
       no_partial = not [p for p in os.listdir(root) if "tmp" in p]
       intact = checkpoints_kept(before, w) and no_partial
-      return code, out + f"\n(disk: {'tmpfs, 200 kB free' if mounted else 'ENOSPC patch'})", intact
+      return code, out + f"\n(disk: {'tmpfs, 64 kB free' if mounted else 'ENOSPC patch'})", intact
     finally:
       if mounted:
         subprocess.run(["umount", w], check=False)
@@ -328,6 +331,7 @@ def cases(r: Runner):
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # orbax is chatty when the cases read checkpoints
   scratch = FLAGS.workdir or tempfile.mkdtemp(prefix="adacomp_faults_")
   os.makedirs(scratch, exist_ok=True)
   r = Runner(scratch)
@@ -352,9 +356,10 @@ def main(argv):
   table += [f"| {n} | {c} | {code} | {l} | {i} |" for n, c, code, l, i in rows]
   text = "\n".join(table) + "\n"
   print("\n" + text)
-  with open(FLAGS.out, "w") as f:
+  out = FLAGS.out or os.path.join(scratch, "fault_table.md")
+  with open(out, "w") as f:
     f.write(text)
-  print(f"Written to {FLAGS.out}")
+  print(f"Written to {out}")
   if any(i != "yes" for *_, i in rows):
     raise SystemExit("some case did not keep the saved data intact")
 
