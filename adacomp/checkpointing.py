@@ -432,8 +432,8 @@ def _restore_arrays(manager, step: int, items: dict):
                      f"process_{jax.process_index()}-of-{jax.process_count()}.json",
                      f"does not parse as a data position ({cause})") from e
     item = next((name for name in items if name in str(e)), None)
-    raise _damaged(step, root / str(step) / (item or ""),
-                   f"cannot be read ({str(e).splitlines()[0][:200]})") from e
+    reason = str(e).splitlines()[0].split(" See full TensorStore details")[0]
+    raise _damaged(step, root / str(step) / (item or ""), f"cannot be read ({reason[:200]})") from e
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iter):
