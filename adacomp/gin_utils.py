@@ -8,6 +8,12 @@ the core never imports a method.
 Search paths, in order: the current directory, every `--gin_search_paths` entry, the repository
 root and its `configs/` folder. So `--gin_file=configs/duo.gin`, `--gin_file=duo.gin` and
 `include 'configs/dense.gin'` inside a config all work from any directory.
+
+A config saved in a checkpoint is data, not code (checkpoints are shared between people):
+`parse_saved_config` accepts only bindings and macros whose configurables and references are
+this project's own (modules under adacomp/ and layers/) and whose values are literals; an
+`import`, an `include`, a block or a reference to anything else is refused with its line, before
+gin sees any of it. User-given --gin_file / --gin_bindings stay full gin.
 """
 import importlib.util
 import os
@@ -15,6 +21,7 @@ from typing import Optional, Sequence
 
 import gin
 from gin import config as gin_config
+from gin import config_parser
 
 # Registration side effects: each of these defines gin configurables of the core.
 from adacomp import checkpointing  # pylint: disable=unused-import
@@ -158,6 +165,95 @@ def parse(gin_files: Sequence[str], gin_bindings: Sequence[str] = (),
     gin.finalize()
 
 
+PROJECT_MODULES = ("adacomp", "layers")
+
+
+def _project_configurable(selector: str):
+  """The registered configurable `selector` names, when it is one of this project's."""
+  try:
+    configurable = gin_config._REGISTRY.get_match(selector)  # pylint: disable=protected-access
+  except (ValueError, KeyError):
+    return None
+  if configurable is None or configurable.import_source is not None:
+    return None  # unknown, or registered dynamically from a config's own imports
+  module = (configurable.module or "").split(".")[0]
+  wrapped = getattr(configurable.wrapped, "__module__", "") or ""
+  if module in PROJECT_MODULES and wrapped.split(".")[0] in PROJECT_MODULES:
+    return configurable
+  return None
+
+
+class _RecordingDelegate(config_parser.ParserDelegate):
+  """Records every @reference and %macro of a statement instead of resolving it."""
+
+  def __init__(self):
+    self.references, self.macros = [], []
+
+  def configurable_reference(self, scoped_configurable_name, evaluate):
+    self.references.append(scoped_configurable_name)
+    return ("@", scoped_configurable_name, evaluate)
+
+  def macro(self, macro_name):
+    self.macros.append(macro_name)
+    return ("%", macro_name)
+
+
+def check_saved_config(text: str, source: str) -> None:
+  """Raises GinConfigError naming the first line of `text` that is not plain project data."""
+  delegate = _RecordingDelegate()
+
+  def refuse(line_num, line, why):
+    raise GinConfigError(
+        f"The gin config saved in {source} is refused at line {line_num}: {line.strip()!r}: "
+        f"{why}. A checkpoint's config may only bind this project's configurables (adacomp/, "
+        f"layers/) to literals, macros and references to them; it is never executed. If you "
+        f"trust this checkpoint's author, inspect the config and pass the parts you need as "
+        f"--gin_file/--gin_bindings instead.")
+
+  parser = config_parser.ConfigParser(text, delegate)
+  defined_macros, used_macros = set(), []
+  while True:
+    before = len(delegate.references), len(delegate.macros)
+    try:
+      statement = parser.parse_statement()
+    except SyntaxError as e:
+      refuse(e.lineno or "?", e.text or "", f"not a gin binding ({e.msg})")
+    except (ValueError, TypeError) as e:
+      refuse("?", "", f"not a gin binding ({e})")
+    if statement is None:
+      break
+    where = (statement.location.line_num, statement.location.line_content or "")
+    if isinstance(statement, config_parser.ImportStatement):
+      refuse(*where, f"an import ({statement.format()}) would run code")
+    if isinstance(statement, config_parser.IncludeStatement):
+      refuse(*where, f"an include would read {statement.filename!r}, outside the checkpoint")
+    if not isinstance(statement, config_parser.BindingStatement):
+      refuse(*where, "only 'configurable.parameter = value' and 'MACRO = value' lines are read")
+    if statement.arg_name:
+      if _project_configurable(statement.selector) is None:
+        refuse(*where, f"{statement.selector!r} is not a configurable of this project")
+    else:
+      if statement.scope or "." in statement.selector:
+        refuse(*where, f"{statement.selector!r} is not a macro name")
+      defined_macros.add(statement.selector)
+    for name in delegate.references[before[0]:]:
+      if _project_configurable(name.rsplit("/", 1)[-1]) is None:
+        refuse(*where, f"@{name} is not a configurable of this project")
+    used_macros.extend((name, where) for name in delegate.macros[before[1]:])
+  for name, where in used_macros:
+    if name != "gin.REQUIRED" and name.rsplit("/", 1)[-1] not in defined_macros:
+      refuse(*where, f"%{name} is neither a macro defined in the config nor gin.REQUIRED")
+
+
+def parse_saved_config(text: str, source: str) -> None:
+  """Parses a config read from a checkpoint as data (see the module docstring)."""
+  check_saved_config(text, source)
+  try:
+    gin.parse_config(text)
+  except (ValueError, KeyError, SyntaxError, TypeError) as e:
+    raise GinConfigError(f"The gin config saved in {source} does not parse: {e}") from e
+
+
 def parse_checkpoint_config(checkpoint_dir: str, step: Optional[int] = None,
                             gin_files: Sequence[str] = (), gin_bindings: Sequence[str] = (),
                             finalize: bool = False) -> tuple:
@@ -166,7 +262,8 @@ def parse_checkpoint_config(checkpoint_dir: str, step: Optional[int] = None,
   step, meta = checkpointing.read_meta(checkpoint_dir, step)
   gin.clear_config()
   parse([], [], finalize=False)
-  gin.parse_config(meta["gin_config"])
+  parse_saved_config(meta["gin_config"],
+                     f"checkpoint step {step} of {checkpointing.checkpoint_root(checkpoint_dir)}")
   parse(gin_files, gin_bindings, finalize=finalize)
   return step, meta
 

@@ -12,8 +12,10 @@ collection (router, budget and distillation terms of the adaptive methods).
 'image_classification' (ViT); the per-task pieces (data, model, batch sums, summaries) live in
 `adacomp.tasks`, the loop itself is shared.
 """
+import errno
 import math
 import re
+import statistics
 import time
 from typing import Any, Optional, Tuple
 
@@ -25,7 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+from etils import epath
 
+from adacomp import arguments
 from adacomp import checkpointing
 from adacomp import kernels
 from adacomp import metrics as metrics_lib
@@ -37,7 +41,7 @@ RNG_STREAMS = ("dropout", "routing")
 
 
 class TrainingDivergedError(FloatingPointError):
-  """The loss became NaN or infinite; no checkpoint was written after it happened."""
+  """The loss became NaN, infinite or spiked; no checkpoint was written after it happened."""
 
 
 @flax.struct.dataclass
@@ -63,6 +67,9 @@ def make_optimizer(num_steps: int, *, learning_rate: float = 3e-3, warmup_steps:
   parameters that do not match are frozen (zero update, no optimizer state, outside the clipped
   norm). None trains everything. Staged methods (Duo's router stage, informed routing) use it.
   """
+  arguments.check_rate("make_optimizer.learning_rate", learning_rate)
+  arguments.check_int("make_optimizer.warmup_steps", warmup_steps, 0)
+  arguments.check_optional_int("make_optimizer.decay_steps", decay_steps, 1, "train.num_steps")
   decay_steps = num_steps if decay_steps is None else decay_steps
   after = max(decay_steps - warmup_steps, 1)
   if schedule == "cosine":
@@ -146,6 +153,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, seed: in
     shown = grads if grad_mask is None else jax.tree.map(
         lambda g, m: g if m else jnp.zeros((), g.dtype), grads, grad_mask)
     metrics = {"loss": ce, "aux_loss": aux, "grad_norm": optax.tree.norm(shown),
+               "param_norm": optax.tree.norm(params),
                **task.step_metrics(sums),
                # Checked before every save: a finite loss computed from the old params does not
                # make the updated params finite.
@@ -192,19 +200,60 @@ def init_train_state(model: nn.Module, tx, seq_len: int, seed: int, mesh, rules,
   return state, abstract, shardings
 
 
+def _diverged(what: str, step: int, manager) -> TrainingDivergedError:
+  manager.wait_until_finished()
+  latest = manager.latest_step()
+  kept = (f"The last good checkpoint (step {latest}) in {manager.directory} is kept "
+          f"untouched." if latest is not None else "No checkpoint had been saved yet.")
+  return TrainingDivergedError(
+      f"{what} at step {step}: training diverged. {kept} Lower the learning rate "
+      f"(make_optimizer.learning_rate), lengthen warm-up (make_optimizer.warmup_steps) or "
+      f"clip gradients (make_optimizer.grad_clip_norm), then rerun: it resumes from there.")
+
+
 def _check_finite(step: int, host_metrics: dict, manager) -> None:
   loss = host_metrics["loss"]
   if not math.isfinite(loss) or not host_metrics["params_finite"]:
     what = (f"Loss is {loss}" if not math.isfinite(loss) else
             f"The parameters became NaN or infinite (loss {loss:.4g})")
-    manager.wait_until_finished()
-    latest = manager.latest_step()
-    kept = (f"The last good checkpoint (step {latest}) in {manager.directory} is kept "
-            f"untouched." if latest is not None else "No checkpoint had been saved yet.")
-    raise TrainingDivergedError(
-        f"{what} at step {step}: training diverged. {kept} Lower the learning rate "
-        f"(make_optimizer.learning_rate), lengthen warm-up (make_optimizer.warmup_steps) or "
-        f"clip gradients (make_optimizer.grad_clip_norm), then rerun: it resumes from there.")
+    raise _diverged(what, step, manager)
+
+
+class SpikeDetector:
+  """Stops a finite explosion the way a NaN is stopped: a loss, or the parameters' norm, above
+  `factor` times the median of its last `window` values (checked once `warmup` values exist).
+
+  The loss of step s is computed from the parameters of step s-1, so an update that blew the
+  parameters up shows in the loss only one step later, after step s-1 may have been saved; the
+  parameter norm is checked too, against a history that starts with the norm of the starting
+  parameters, so that such a step is never kept as the last good one. The history restarts on
+  resume. factor None switches the check off.
+  """
+
+  def __init__(self, factor: Optional[float], window: int, warmup: int):
+    self.factor, self.window, self.warmup = factor, window, warmup
+    self.history = {"loss": [], "param_norm": []}
+
+  def start(self, param_norm: float) -> None:
+    self.history["param_norm"] = [param_norm] * self.warmup
+
+  def check(self, step: int, host_metrics: dict, manager) -> None:
+    if self.factor is None:
+      return
+    for name, label in (("loss", "Loss"), ("param_norm", "Parameter norm")):
+      value = host_metrics.get(name)
+      if value is None:
+        continue
+      past = self.history[name]
+      if len(past) >= self.warmup:
+        median = statistics.median(past)
+        if value > self.factor * median:
+          raise _diverged(
+              f"{label} spiked to {value:.4g}, {value / median:.3g} times the median {median:.4g}"
+              f" of the last {len(past)} step(s) (train.spike_factor={self.factor:g})", step,
+              manager)
+      past.append(value)
+      del past[:-self.window]
 
 
 def _flops(compiled) -> Optional[float]:
@@ -241,7 +290,9 @@ def train(workdir: str, *, num_steps: int = gin.REQUIRED, batch_size: int = 16,
           eval_batches: Optional[int] = 32, peak_flops_per_device: Optional[float] = None,
           model_config: Optional[DecoderConfig] = None,
           init_checkpoint: Optional[str] = None, task_loss_weight: float = 1.0,
-          task: str = "lm", profile_steps: Optional[Tuple[int, int]] = None) -> dict:
+          task: str = "lm", profile_steps: Optional[Tuple[int, int]] = None,
+          spike_factor: Optional[float] = 10.0, spike_window: int = 50,
+          spike_warmup: int = 1) -> dict:
   """Trains the gin-configured model in `workdir`; returns the final evaluation summary.
 
   `init_checkpoint` (a workdir or its checkpoints/ folder) starts a new run from another run's
@@ -253,35 +304,138 @@ def train(workdir: str, *, num_steps: int = gin.REQUIRED, batch_size: int = 16,
   DecoderConfig) are language-model settings, the ViT is configured through ViTConfig.
   `profile_steps=(start, stop)` writes a jax.profiler trace of steps start..stop-1 into
   `<workdir>/profile` (open it with TensorBoard's profile plugin or Perfetto).
+  `spike_factor`: a loss (or parameter norm) above this many times the median of the last
+  `spike_window` steps stops the run before it saves, like a NaN (None: off; the check starts
+  once `spike_warmup` steps are in the window).
   The returned summary also names the run's `checkpoint_dir`.
+
+  Order: every argument, the data, the model and any checkpoint to resume or start from are
+  checked before the workdir is written (config.gin, metrics, checkpoints), so a rejected run
+  leaves it as it was; one process at a time writes a workdir (checkpointing.WorkdirLock).
   """
+  _check_arguments(num_steps=num_steps, batch_size=batch_size, seq_len=seq_len,
+                   log_every=log_every, eval_every=eval_every, eval_batches=eval_batches,
+                   profile_steps=profile_steps, spike_factor=spike_factor,
+                   spike_window=spike_window, spike_warmup=spike_warmup)
+  existed = epath.Path(workdir).exists()
   workdir_path = checkpointing.ensure_writable(workdir)
+  # Only process 0 takes the lock: the processes of one multi-process run share the workdir.
+  lock = checkpointing.WorkdirLock(workdir_path) if jax.process_index() == 0 else None
+  if lock is not None:
+    lock.acquire()
+  try:
+    return _train(workdir_path, num_steps=num_steps, batch_size=batch_size, seq_len=seq_len,
+                  seed=seed, log_every=log_every, eval_every=eval_every,
+                  eval_batches=eval_batches, peak_flops_per_device=peak_flops_per_device,
+                  model_config=model_config, init_checkpoint=init_checkpoint,
+                  task_loss_weight=task_loss_weight, task=task, profile_steps=profile_steps,
+                  spikes=SpikeDetector(spike_factor, spike_window, spike_warmup))
+  except OSError as e:
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+      raise
+    raise checkpointing.CheckpointWriteError(
+        f"Could not write {e.filename or workdir_path}: {e.strerror}. Free space (or point "
+        f"--workdir at a larger disk) and rerun: training resumes from the latest intact "
+        f"checkpoint.") from e
+  finally:
+    if lock is not None:
+      lock.release()
+    if not existed and workdir_path.exists() and not any(workdir_path.iterdir()):
+      workdir_path.rmdir()  # a rejected run leaves no empty workdir behind
+
+
+def _check_arguments(*, num_steps, batch_size, seq_len, log_every, eval_every, eval_batches,
+                     profile_steps, spike_factor, spike_window, spike_warmup) -> None:
+  """Every count, interval and rate of a run, before anything is written."""
+  arguments.check_int("train.num_steps", num_steps, 1)
+  arguments.check_int("train.batch_size", batch_size, 1)
+  arguments.check_int("train.seq_len", seq_len, 1)
+  arguments.check_int("train.log_every", log_every, 1, " (steps between progress lines)")
+  arguments.check_int("train.eval_every", eval_every, 0, " (0 switches periodic evaluation off)")
+  arguments.check_optional_int("train.eval_batches", eval_batches, 1, "the whole split")
+  if spike_factor is not None:
+    arguments.check_rate("train.spike_factor", spike_factor)
+    if spike_factor <= 1:
+      raise ValueError(f"train.spike_factor={spike_factor}: must be > 1 (a multiple of the "
+                       f"recent median loss), or None to switch the spike check off.")
+  arguments.check_int("train.spike_window", spike_window, 1)
+  arguments.check_int("train.spike_warmup", spike_warmup, 1)
+  if profile_steps is not None:
+    if (not isinstance(profile_steps, (tuple, list)) or len(profile_steps) != 2 or
+        not all(isinstance(x, int) and not isinstance(x, bool) for x in profile_steps)):
+      raise arguments.BindingTypeError(
+          f"train.profile_steps={profile_steps!r}: expected a pair of ints (start, stop), e.g. "
+          f"train.profile_steps = (10, 15).")
+    start, stop = profile_steps
+    if not 1 <= start < stop <= num_steps + 1:
+      raise ValueError(f"train.profile_steps={tuple(profile_steps)}: need 1 <= start < stop <= "
+                       f"num_steps + 1 = {num_steps + 1} (steps start..stop-1 are traced).")
+  # make_manager and make_optimizer check their own arguments when they are called, still
+  # before the workdir is written; the manager's are checked here too so a bad keep or
+  # save_every fails before the data and the model are built.
+  save_every, keep = (_bound_or(f"make_manager.{n}", d) for n, d in (("save_every", 500),
+                                                                     ("keep", 3)))
+  if not any(isinstance(v, gin.config.ConfigurableReference) for v in (save_every, keep)):
+    checkpointing.check_manager_arguments(save_every, keep)  # macros are checked when called
+
+
+def _bound_or(name: str, default):
+  try:
+    return gin.query_parameter(name)
+  except ValueError:
+    return default
+
+
+def _agreed(flag: bool) -> bool:
+  """Process 0's answer on every process (a process that looked after process 0 created the
+  checkpoint folder would otherwise restore alone and the collectives would not match)."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
+
+
+def _first_batch(train_iter, mesh):
+  """The first training batch, read before the workdir is written (a corrupt or unreadable data
+  file fails here, not after config.gin and the first checkpoint)."""
+  return sharding.global_batch(next(train_iter), mesh)
+
+
+def _train(workdir_path, *, num_steps, batch_size, seq_len, seed, log_every, eval_every,
+           eval_batches, peak_flops_per_device, model_config, init_checkpoint,
+           task_loss_weight, task, profile_steps, spikes) -> dict:
   kernels.configure_kernels()
   task_obj = tasks.make_task(task, seq_len=seq_len, model_config=model_config)
   task_obj.check()
 
   mesh = sharding.make_mesh()
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if batch_size % shards:
+    raise ValueError(f"train.batch_size={batch_size} does not split over the mesh's "
+                     f"data x fsdp = {shards} batch shards; make it a multiple of {shards}.")
   rules = sharding.logical_axis_rules()
   train_data = task_obj.dataset("train", batch_size=batch_size, train=True, seed=seed)
+  # Opened now so that a split too small or missing fails before anything is written.
+  task_obj.dataset("validation", batch_size=batch_size, train=False,
+                   eval_max_batches=eval_batches)
   model = task_obj.build_model(train_data)
   tx = make_optimizer(num_steps)
-  manager = checkpointing.make_manager(str(workdir_path))
   config_str = gin.config_str()
-  if jax.process_index() == 0:
-    (workdir_path / "config.gin").write_text(config_str)
+  root = workdir_path / checkpointing.CHECKPOINT_SUBDIR
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     state, abstract, state_sharding = init_train_state(model, tx, seq_len, seed, mesh, rules,
                                                        task=task_obj)
     train_iter = iter(train_data)
-    start_step = 0
-    latest = manager.latest_step()
+    start_step, latest, skipped = 0, None, []
+    if _agreed(root.exists()):
+      with checkpointing._read_only_manager(root) as reader:  # pylint: disable=protected-access
+        latest, params, opt_state, skipped = checkpointing.find_resumable(reader, abstract,
+                                                                          train_iter)
     if latest is not None:
-      params, opt_state, _ = checkpointing.restore(manager, latest, abstract, train_iter)
       state = state.replace(step=jnp.asarray(latest, jnp.int32), params=params,
                             opt_state=opt_state)
       start_step = latest
-      metrics_lib.say(f"Resuming from checkpoint step {latest} in {manager.directory}")
     elif init_checkpoint:
       params, new, unused = checkpointing.init_params_from(init_checkpoint, state.params)
       state = state.replace(params=params)
@@ -291,7 +445,18 @@ def train(workdir: str, *, num_steps: int = gin.REQUIRED, batch_size: int = 16,
            f"{' ...' if len(new) > 6 else ''}" if new else "") +
           (f"; {len(unused)} checkpoint parameter(s) unused: {', '.join(unused[:6])}"
            f"{' ...' if len(unused) > 6 else ''}" if unused else ""))
-    if latest is None:
+    first_batch = _first_batch(train_iter, mesh) if start_step < num_steps else None
+    spikes.start(float(jax.jit(optax.tree.norm)(state.params)))
+
+    # Every check passed: from here on the workdir is written.
+    manager = checkpointing.make_manager(str(workdir_path))
+    if jax.process_index() == 0:
+      checkpointing.set_aside(manager, skipped)
+      (workdir_path / "config.gin").write_text(config_str)
+    if latest is not None:
+      metrics_lib.say(f"Resuming from checkpoint step {latest} in {manager.directory}" +
+                      (f" (skipped damaged step(s) {skipped})" if skipped else ""))
+    else:
       metrics_lib.say(f"Model: {count_params(state.params):,} parameters; mesh "
                       f"{dict(mesh.shape)}; {jax.device_count()} device(s), "
                       f"{jax.process_count()} process(es)")
@@ -332,7 +497,8 @@ def train(workdir: str, *, num_steps: int = gin.REQUIRED, batch_size: int = 16,
     step = start_step
     profile_dir = str(workdir_path / "profile")
     for step in range(start_step + 1, num_steps + 1):
-      batch = sharding.global_batch(next(train_iter), mesh)
+      batch = first_batch if step == start_step + 1 else sharding.global_batch(
+          next(train_iter), mesh)
       if compiled_step is None:
         # Compile outside the first window, so that window's ms/step is not the compile time.
         compiled_step = step_fn.lower(state, batch).compile()
@@ -353,8 +519,9 @@ def train(workdir: str, *, num_steps: int = gin.REQUIRED, batch_size: int = 16,
         host = jax.device_get(pending)
         pending = []
         for offset, m in enumerate(host):
-          _check_finite(step - len(host) + 1 + offset, {k: float(v) for k, v in m.items()},
-                        manager)
+          floats = {k: float(v) for k, v in m.items()}
+          _check_finite(step - len(host) + 1 + offset, floats, manager)
+          spikes.check(step - len(host) + 1 + offset, floats, manager)
         if step % log_every == 0 or last:
           elapsed = max(time.time() - window_start - paused, 1e-9)
           scalars = {k: float(np.mean([m[k] for m in host])) for k in host[-1]}
@@ -376,8 +543,7 @@ def train(workdir: str, *, num_steps: int = gin.REQUIRED, batch_size: int = 16,
       paused += time.time() - side_start
     if summary is None:
       summary = run_eval(step)
-    manager.wait_until_finished()
-    manager.close()
+    checkpointing.finish(manager, step, state)
     writer.close()
   logging.info("Training finished at step %d", step)
   return dict(summary, checkpoint_dir=str(manager.directory))

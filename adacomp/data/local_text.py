@@ -85,6 +85,12 @@ class LocalText(tfds.core.GeneratorBasedBuilder):
       raise DataError(f"The corpus glob {pattern!r} matches {len(files)} file(s), all empty. "
                       f"Point lm_dataset.glob at files that contain text.")
     splits = assign_splits(files, _glob_root(pattern))
+    empty = [name for name, paths in splits.items() if not paths]
+    if empty:
+      raise DataError(f"The corpus glob {pattern!r} matches {len(files)} file(s), too few for "
+                      f"its splits: splits are assigned per file, so {', '.join(empty)} would be "
+                      f"empty. Point lm_dataset.glob at 3 or more files (train, validation, "
+                      f"test each need one).")
     return {name: self._generate_examples(paths) for name, paths in splits.items()}
 
   def _generate_examples(self, paths):

@@ -97,6 +97,22 @@ def _open_source(name, split, data_dir, glob, file_format):
   return sources[split]
 
 
+def source_files(source) -> list:
+  """The files behind a TFDS data source (array_record), for error messages."""
+  inner = getattr(source, "data_source", source)
+  return [str(p) for p in getattr(inner, "_paths", None) or []]
+
+
+def read_error(source, what: str, e: BaseException) -> DataError:
+  files = source_files(source)
+  where = ", ".join(files) if files else "the dataset's files"
+  return DataError(
+      f"Cannot read {what} from {where}: {str(e).splitlines()[0][:200]}. The data file is "
+      f"damaged (a copy or disk error, or an interrupted preparation); delete that dataset's "
+      f"folder under lm_dataset.data_dir and rerun to prepare it again (or restore it from a "
+      f"copy).")
+
+
 class LMDataset:
   """An iterable of packed LM batches; `iter()` gives a checkpointable iterator."""
 
@@ -124,7 +140,11 @@ class LMDataset:
 
   def document(self, doc_id: int) -> np.ndarray:
     """bos + tokens + eos of document `doc_id` (random access through grain)."""
-    return self.documents[int(doc_id)]
+    try:
+      return self.documents[int(doc_id)]
+    except (RuntimeError, OSError, ValueError) as e:
+      # array_record raises RuntimeError("Corrupted Riegeli/records file ...") with no file name.
+      raise read_error(self.source, f"document {doc_id}", e) from e
 
   def __iter__(self) -> "PackedIterator":
     return PackedIterator(self)
@@ -255,7 +275,12 @@ def lm_dataset(split: str, *, batch_size: int, seq_len: int, train: bool,
     raise DataError(f"Global batch size {batch_size} is not divisible by the {process_count} "
                     f"processes; make train.batch_size a multiple of {process_count}.")
   data_dir = _default_data_dir(data_dir)
-  source = _open_source(name, split, data_dir, glob, file_format)
+  try:
+    source = _open_source(name, split, data_dir, glob, file_format)
+  except (RuntimeError, OSError) as e:
+    raise DataError(f"Cannot open split {split!r} of {name!r} under {data_dir!r}: "
+                    f"{str(e).splitlines()[0][:200]}. The data files are damaged; delete that "
+                    f"dataset's folder and rerun to prepare it again.") from e
   if len(source) == 0:
     raise DataError(f"Split {split!r} of {name!r} under {data_dir!r} is empty; use a larger "
                     f"corpus (a glob matching more files) or another split.")

@@ -244,10 +244,10 @@ class _Position:
     self.state = state
 
 
-def _parse_config(text: str) -> None:
+def _parse_config(text: str, source: str) -> None:
   gin.clear_config()
   gin_utils.parse([], [], finalize=False)
-  gin.parse_config(text)
+  gin_utils.parse_saved_config(text, source)  # a checkpoint's config is data, never code
 
 
 def _query(name: str, default=None):
@@ -303,7 +303,7 @@ def grow_checkpoint(source: str, target: str, *, select: str = ".*", add: Option
   log(f"Source {source}: step {step}")
 
   # The source model, restored with its own optimizer as the target tree.
-  _parse_config(meta["gin_config"])
+  _parse_config(meta["gin_config"], f"checkpoint step {step} of {source}")
   source_num_steps = gin.query_parameter("train.num_steps")
   source_decay = _query("make_optimizer.decay_steps") or source_num_steps
   tau_bound = {"qkv": _query("tokenformer_attention.tau_tokens_qkv"),
@@ -318,7 +318,7 @@ def grow_checkpoint(source: str, target: str, *, select: str = ".*", add: Option
   # The grown model: the source's config plus the new counts, fixed tau and schedule.
   decay = source_decay if decay_steps is None else decay_steps
   config = meta["gin_config"] + grown_bindings(plans, decay, source, step)
-  _parse_config(config)
+  _parse_config(config, f"checkpoint step {step} of {source} (grown)")
   _, fresh, grown_abstract = _build_state(meta, seed + 1)
   new_params = grow_params(params, fresh.params, plans, init, key_std, seed)
   new_opt_state = grow_opt_state(opt_state, grown_abstract.opt_state)
