@@ -507,9 +507,6 @@ def set_aside(manager: ocp.CheckpointManager, steps, log=print) -> None:
 def read_meta(checkpoint_dir: str, step: Optional[int] = None) -> tuple[int, dict]:
   """(step, meta) of the latest (or given) complete checkpoint under checkpoint_dir."""
   root = checkpoint_root(checkpoint_dir)
-  if not root.exists():
-    raise FileNotFoundError(f"Checkpoint directory {root} does not exist. Pass the --workdir of "
-                            f"a training run (or its checkpoints/ folder).")
   with _read_only_manager(root) as manager:
     step = manager.latest_step() if step is None else step
     if step is None:
@@ -545,9 +542,6 @@ def init_params_from(checkpoint_dir: str, fresh_params, step: Optional[int] = No
   checkpoint raises CheckpointDamagedError.
   """
   root = checkpoint_root(checkpoint_dir)
-  if not root.exists():
-    raise FileNotFoundError(f"train.init_checkpoint={checkpoint_dir!r} does not exist; pass the "
-                            f"--workdir of the run to start from.")
   with _read_only_manager(root) as manager:
     step = manager.latest_step() if step is None else step
     if step is None:
