@@ -51,6 +51,13 @@ def test_as_vit_fine_tuned_from_the_dense_vit_moves_its_compute_toward_the_budge
   # the pruned model's compute moves toward rho = 0.4.
   assert summary["compute_fraction"] < 0.85, summary
   assert summary["kept_stage0"] >= summary["kept_stage1"]
+  # Per-batch k over 3 full batches of 32: at stage 0 (the same tokens as the exact model) the
+  # mean of floor(kept tokens in a batch / 32) is within one token under the mean kept count
+  # (16 image tokens of 8x8 patches); stage 1 sees only stage 0's k tokens per image.
+  gap = summary["kept_stage0"] * 16 - summary["batch_k_stage0"]
+  assert 0.0 <= gap < 1.0 + 1e-6, summary
+  assert summary["batch_k_stage1"] <= summary["batch_k_stage0"]
+  assert 0.0 <= summary["accuracy_batch_k"] <= 1.0
 
   gin.clear_config()
   step, meta = checkpointing.read_meta(str(tmp_path / "as_vit"))
