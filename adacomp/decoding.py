@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adacomp.models.decoder import DecoderConfig, block_kwargs, parse_dtype
+from adacomp.models.decoder import DecoderConfig, block_kwargs, final_norm_kind, parse_dtype
 from layers.block import DecoderBlock
 from layers.embedding import Embed
 from layers.normalization import make_norm
@@ -51,7 +51,7 @@ class Decoder:
     self._dtype = dtype
     self.embed = Embed(config.vocab_size, config.d_model, dtype=dtype, param_dtype=param_dtype)
     self.block = DecoderBlock(**block_kwargs(config, decode=True))
-    self.norm = make_norm(config.norm, dtype=dtype, param_dtype=param_dtype)
+    self.norm = make_norm(final_norm_kind(config), dtype=dtype, param_dtype=param_dtype)
 
   # -- cache ---------------------------------------------------------------------------------
   def init_cache(self, batch: int, max_len: int):

@@ -118,7 +118,9 @@ class ImageClassification:
   Evaluation runs the hard-threshold inference path (exact per-image pruning decisions) and
   reports top-1 accuracy, loss, the compute fraction (sown MACs over the dense ViT's) and the
   kept token fraction per pruning stage; images/s is timed over the evaluation batches after
-  the first (which compiles).
+  the first (which compiles). With pruning stages (and one process), every batch also runs the
+  released code's batched inference (`vit.batch_k_apply`: k_s = floor(total kept in the batch
+  / B) tokens per image), reported as `accuracy_batch_k` and the mean `batch_k_stage{s}`.
   """
   name = "image_classification"
   unit = "images"
@@ -138,6 +140,7 @@ class ImageClassification:
     model = vit_lib.build_vit(data.channels, data.num_classes, self.model_config)
     model.config.validate()
     self.dense_macs = vit_lib.dense_macs_per_image(model.config)
+    self.model = model
     self.image_shape = (data.image_size, data.image_size, data.channels)
     return model
 
@@ -168,19 +171,31 @@ class ImageClassification:
             "images": sums["weights"]}
 
   def evaluate(self, eval_step, params, batches, to_device, progress=lambda i: None):
-    times, counts = [], []
+    times, counts, batch_k = [], [], []
+    run_batch_k = (getattr(self, "model", None) is not None and
+                   bool(self.model.config.prune_after) and jax.process_count() == 1)
 
     def timed(p, batch):
       start = time.perf_counter()
       sums = jax.block_until_ready(eval_step(p, batch))
       times.append(time.perf_counter() - start)
       counts.append(float(np.sum(batch["weights"])))
+      if run_batch_k:
+        weights = np.asarray(batch["weights"])
+        logits, ks = vit_lib.batch_k_apply(self.model, p, batch["inputs"], weights=weights)
+        correct = np.sum((np.argmax(np.asarray(logits), -1) == np.asarray(batch["targets"]))
+                         * weights)
+        batch_k.append((float(correct), ks))
       return sums
 
     summary = scoring.evaluate(timed, params, batches, to_device, progress,
                                   summarize_fn=self.summarize)
     if len(times) > 1:
       summary["images_per_s"] = sum(counts[1:]) / max(sum(times[1:]), 1e-9)
+    if batch_k:
+      summary["accuracy_batch_k"] = sum(c for c, _ in batch_k) / max(sum(counts), 1.0)
+      for s, ks in enumerate(zip(*(k for _, k in batch_k))):
+        summary[f"batch_k_stage{s}"] = float(np.mean(ks))
     return summary
 
   def summarize(self, sums) -> dict:
@@ -192,6 +207,10 @@ class ImageClassification:
     kept = [summary[k] for k in sorted(summary) if k.startswith("kept_stage")]
     if kept:
       line += " | kept tokens " + "/".join(f"{k:.2f}" for k in kept)
+    if "accuracy_batch_k" in summary:
+      ks = [summary[k] for k in sorted(summary) if k.startswith("batch_k_stage")]
+      line += (f" | per-batch k {'/'.join(f'{k:.1f}' for k in ks)}: top-1 "
+               f"{summary['accuracy_batch_k']:.4f}")
     if "images_per_s" in summary:
       line += f" | {summary['images_per_s']:,.0f} images/s"
     return line + f" | {int(summary['num_images']):,} images"

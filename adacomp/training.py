@@ -61,7 +61,8 @@ def make_optimizer(num_steps: int, *, learning_rate: float = 3e-3, warmup_steps:
   """AdamW with linear warm-up then cosine/linear decay or a constant rate.
 
   `decay_steps` defaults to the run's `num_steps`; fix it when a run is split into parts so that
-  every part sees the same schedule. Norm scales are not weight-decayed.
+  every part sees the same schedule. Norm scales and AS-ViT's pruning thresholds are not
+  weight-decayed.
 
   `trainable`: a regular expression searched in each parameter's path ("blocks/ffn/router/w");
   parameters that do not match are frozen (zero update, no optimizer state, outside the clipped
@@ -85,9 +86,14 @@ def make_optimizer(num_steps: int, *, learning_rate: float = 3e-3, warmup_steps:
       [optax.linear_schedule(0.0, learning_rate, warmup_steps), decay], [warmup_steps])
 
   def decay_mask(params):
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: not any("norm" in str(getattr(k, "key", "")) or
-                                str(getattr(k, "key", "")) == "scale" for k in path), params)
+    def decayed(path, _):
+      keys = [str(getattr(k, "key", "")) for k in path]
+      # AS-ViT's pruning thresholds (pruner_*/threshold) are not decayed, as in the released
+      # code's no_weight_decay(): decay would pull every threshold toward keeping all tokens.
+      if keys and keys[-1] == "threshold" and any(k.startswith("pruner_") for k in keys):
+        return False
+      return not any("norm" in k or k == "scale" for k in keys)
+    return jax.tree_util.tree_map_with_path(decayed, params)
 
   chain = [optax.clip_by_global_norm(grad_clip_norm)] if grad_clip_norm else []
   chain.append(optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,

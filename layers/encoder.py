@@ -11,8 +11,10 @@ reach m, which `jnp.where`-masking would cut (DynamicViT's attention masking). T
 (index 0) is expected to keep m = 1, so every row has at least one key.
 
 Besides its output, the block returns what token pruning (layers/token_pruning.py) scores from:
-the class token's attention probabilities P_h[0, :] [b, h, n] and the per-head value norms
-||v_h[j]|| [b, h, n], the size of what token j contributes through head h.
+the class token's attention probabilities P_h[0, :] [b, h, n] and the per-head attention-output
+norms ||O_h[j]|| [b, h, n], O_h = P_h V_h, head h's output for token j before the output
+projection (AS-ViT's released vit.py: `attn_out = attn @ v`, then the L2 norm over the head's
+channels).
 
 Per-token MACs are sown as `intermediates/macs` [b, n], counting only kept tokens (m_j > 0.5) and
 only kept keys: m_j * (4 d H d_head + 2 H d_head * sum_k m_k + 2 d d_ff).
@@ -37,7 +39,8 @@ class EncoderAttention(nn.Module):
   @nn.compact
   def __call__(self, x, mask=None):
     """x: [b, n, d]; mask: optional float [b, n]. Returns (out [b, n, d], class-attention
-    probabilities [b, h, n] float32, value norms [b, h, n] float32)."""
+    probabilities [b, h, n] float32, attention-output norms ||(P_h V_h)[j]|| [b, h, n]
+    float32)."""
     d = x.shape[-1]
     h, hd = self.num_heads, self.head_dim
 
@@ -62,11 +65,13 @@ class EncoderAttention(nn.Module):
     if mask is not None:
       e = e * mask.astype(jnp.float32)[:, None, None, :]
     probs = e / jnp.sum(e, axis=-1, keepdims=True)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
-    out = jnp.einsum("bqhk,hkd->bqd", out, dense("out", (h, hd, d), ("heads", "kv", "embed")))
+    heads_out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
+    # AS-ViT weighs heads by the norm of this per-head output (before the projection mixes them).
+    out_norms = jnp.linalg.norm(heads_out.astype(jnp.float32), axis=-1).transpose(0, 2, 1)
+    out = jnp.einsum("bqhk,hkd->bqd", heads_out,
+                     dense("out", (h, hd, d), ("heads", "kv", "embed")))
     out = out + bias("out_bias", (d,), ("embed",))
-    value_norms = jnp.linalg.norm(v.astype(jnp.float32), axis=-1).transpose(0, 2, 1)
-    return out, probs[:, :, 0, :], value_norms
+    return out, probs[:, :, 0, :], out_norms
 
 
 def encoder_block_macs(d_model: int, num_heads: int, head_dim: int, d_ff: int, mask):
@@ -90,11 +95,11 @@ class EncoderBlock(nn.Module):
   @nn.compact
   def __call__(self, x, mask=None):
     """x: [b, n, d]; mask: optional float keep mask [b, n] (None: every token). Returns
-    (x, class-attention probabilities [b, h, n], value norms [b, h, n])."""
+    (x, class-attention probabilities [b, h, n], attention-output norms [b, h, n])."""
     b, n, d = x.shape
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     y = LayerNorm(use_scale=True, use_bias=True, name="attn_norm", **kw)(x)
-    y, cls_attn, value_norms = EncoderAttention(self.num_heads, self.head_dim, name="attn",
+    y, cls_attn, out_norms = EncoderAttention(self.num_heads, self.head_dim, name="attn",
                                                 kernel_init=self.kernel_init, **kw)(y, mask)
     x = x + y
     y = LayerNorm(use_scale=True, use_bias=True, name="mlp_norm", **kw)(x)
@@ -113,4 +118,4 @@ class EncoderBlock(nn.Module):
     keep = jnp.ones((b, n), jnp.float32) if mask is None else mask
     self.sow("intermediates", "macs",
              encoder_block_macs(d, self.num_heads, self.head_dim, self.d_ff, keep))
-    return x, cls_attn, value_norms
+    return x, cls_attn, out_norms

@@ -51,13 +51,16 @@ class LayerNorm(nn.Module):
     return y.astype(self.dtype)
 
 
-NORMS = ("rms", "layernorm")
+NORMS = ("rms", "layernorm", "layernorm_affine")
 
 
 def make_norm(kind: str, **kwargs) -> nn.Module:
-  """'rms': RMSNorm with a scale; 'layernorm': non-parametric LayerNorm (TokenFormer)."""
+  """'rms': RMSNorm with a scale; 'layernorm': non-parametric LayerNorm (TokenFormer's blocks);
+  'layernorm_affine': LayerNorm with scale and bias (the released TokenFormer's final norm)."""
   if kind == "rms":
     return RMSNorm(**kwargs)
   if kind == "layernorm":
     return LayerNorm(**kwargs)
+  if kind == "layernorm_affine":
+    return LayerNorm(use_scale=True, use_bias=True, **kwargs)
   raise ValueError(f"Unknown norm {kind!r}; use one of {NORMS} (DecoderConfig.norm).")

@@ -1,7 +1,7 @@
 """TokenFormer's token-parameter attention (Pattention) and the layers built from it.
 
 TokenFormer (Wang et al., "TokenFormer: Rethinking Transformer Scaling with Tokenized Model
-Parameters", arXiv 2410.23572) replaces every linear projection by attention from the input
+Parameters", arXiv 2410.23168) replaces every linear projection by attention from the input
 tokens (queries) to n learnable parameter tokens (keys K_P [n, d_in], values V_P [n, d_out]):
 
     Pattention(X) = Theta(X K_P^T) V_P,   Theta(S)_i = GeLU(S_i * tau / ||S_i||_2)      (eq. 5-6)
@@ -9,7 +9,7 @@ tokens (queries) to n learnable parameter tokens (keys K_P [n, d_in], values V_P
 i.e. each row of scores is scaled to L2 norm tau, then GeLU (the released code's
 'l2_norm_gelu' normalisation). `pallas_kernels.pattention` computes it (fused kernels on TPU/GPU,
 the jnp reference on CPU; its reference.py is the exact specification: tau * rsqrt(sum S_ij^2 +
-1e-6), and the tanh form of GeLU where the PyTorch code uses the erf form, < 1e-3 apart).
+1e-6), then the exact (erf) GeLU, the released code's F.gelu, in every implementation).
 
 tau: the paper's code uses tau = sqrt(n). Growing n by appending tokens must keep tau at the old
 value or every existing token's normalised score changes (by sqrt(n_new / n_old)), so tau is an

@@ -2,26 +2,37 @@
 
 AS-ViT (Liu et al., "Adaptive Sparse ViT: Towards Learnable Adaptive Token Pruning by Fully
 Exploiting Self-Attention", arXiv 2209.13802) scores every image token j after a pruning block
-by the class token's attention, weighting each head by its share of the token's value norm:
+by the class token's attention, weighting each head by its share of the token's attention-output
+norm, O_h = A_h V_h being head h's attention output before the output projection:
 
-    s_j = sum_h A_h[cls, j] * ||v_h[j]|| / sum_h' ||v_h'[j]||
+    s_j = sum_h A_h[cls, j] * ||O_h[j]|| / (sum_h' ||O_h'[j]|| + 1e-8)
 
 and keeps the tokens whose score exceeds the stage's learned threshold theta (one scalar per
 pruning stage). The class token is never dropped, and a token dropped at one stage stays dropped
 at every later one (its mask multiplies into the next stage's).
 
-Choices the paper leaves open, made here:
-  * O_h[j] is read as token j's value vector in head h, the quantity through which j reaches
-    every other token in that head (encoder.EncoderAttention returns these norms).
-  * Training uses a straight-through mask: forward value 1[s > theta] (so training runs the
-    exact inference model), gradient that of sigmoid((s - theta) / temperature), temperature
-    1e-4 as in the paper. Masked softmax then keeps dropped tokens out of attention.
-  * Inference has two forms. `mask` form (hard 0/1 mask, every token still computed) gives the
-    exact per-image decisions, used for accuracy and compute accounting. `pack` form gathers
-    per image the top-k tokens by score into a smaller array (k a static capacity, the same for
-    the whole batch: the paper's k = floor(total kept / B)); of those, the ones under the
-    threshold stay masked, so packing equals the mask form for every image with at most k
-    tokens above threshold and drops the lowest-scored surplus tokens of the others.
+Checked against the released code (Cydia2018/AS-ViT vit.py, `Attention.forward`, read with the
+fetch tool): `attn_out = attn @ v` ([B, H, N, d_head], before `proj`), `head_importance =
+attn_out[..., 1:, :].norm(dim=-1)` (the image tokens' rows, L2 over a head's channels),
+divided by its sum over heads + 1e-8, times `attn[:, :, 0, 1:]` (the class token's attention
+row), summed over heads. `tests/layers/test_token_pruning.py` recomputes that formula
+independently from q, k, v of an encoder block's weights and compares.
+
+Choices, and where this differs from the released code:
+  * Training uses a straight-through mask: forward value 1[s > theta], gradient that of
+    sigmoid((s - theta) / temperature), temperature 1e-4 as in the paper (the released
+    `AdaptiveSparsityModule`). Masked softmax then keeps dropped tokens out of attention.
+    The released masked softmax adds eps / N to every probability and lets a dropped token
+    attend to itself; here a dropped key gets exactly zero attention (dropped tokens' own rows
+    never reach a kept token, so only their scores, ~1e-8 there and 0 here, differ).
+  * Inference has three forms. `mask` (hard 0/1 mask, every token still computed) gives the
+    exact per-image decisions, used for accuracy and compute accounting. `pack_top_k` gathers
+    per image the top-k tokens by score into a smaller array (k a static capacity); of those,
+    the ones under the threshold stay masked, so packing equals the mask form for every image
+    with at most k tokens above threshold. `pack_batch_k` is the released batched rule: every
+    image keeps its k = floor(total kept in the batch / B) highest-scored tokens, thresholds
+    aside; the array is padded to a bucket (`bucket_capacity`, k rounded up to a multiple of
+    8) so that a few compiled shapes serve every k.
 """
 from typing import Sequence
 
@@ -30,9 +41,9 @@ import jax
 import jax.numpy as jnp
 
 
-def token_scores(cls_attn, value_norms):
-  """s [b, n] from class-attention probabilities and value norms, both [b, h, n]."""
-  share = value_norms / jnp.maximum(jnp.sum(value_norms, axis=1, keepdims=True), 1e-12)
+def token_scores(cls_attn, out_norms):
+  """s [b, n] from class-attention probabilities and attention-output norms, both [b, h, n]."""
+  share = out_norms / (jnp.sum(out_norms, axis=1, keepdims=True) + 1e-8)
   return jnp.sum(cls_attn * share, axis=1)
 
 
@@ -74,17 +85,38 @@ def pack_top_k(x, scores, mask, k: int):
   return x, mask, idx - 1
 
 
+def bucket_capacity(k: int, tokens: int, multiple: int = 8) -> int:
+  """The compiled capacity for a per-batch k: k rounded up to `multiple` (at least one
+  multiple), capped at the `tokens` image tokens present, so a stage compiles at most
+  ceil(tokens / multiple) shapes."""
+  return min(max(multiple, -(-int(k) // multiple) * multiple), tokens)
+
+
+def pack_batch_k(x, scores, present, k, capacity: int):
+  """The released batched rule: each image keeps its `k` highest-scored present tokens.
+
+  x: [b, n, d]; scores, present: [b, n] (present: the tokens alive before this stage's
+  threshold); k: int scalar, may be traced, <= capacity; capacity: static >= 1. Gathers the
+  class token and the top-`capacity` present tokens, then masks the slots of rank >= k, so the
+  result computes like exactly k tokens per image. Returns (x [b, 1 + capacity, d],
+  mask [b, 1 + capacity]).
+  """
+  x, mask, _ = pack_top_k(x, scores, present, capacity)
+  rank_ok = (jnp.arange(capacity) < k).astype(mask.dtype)
+  return x, mask.at[:, 1:].multiply(rank_ok[None, :])
+
+
 class ThresholdPruner(nn.Module):
   """One pruning stage: a learnable threshold theta (param `threshold`, scalar) and the mask."""
   init_threshold: float = 0.001
   temperature: float = 1e-4
 
   @nn.compact
-  def __call__(self, cls_attn, value_norms, prev_mask, *, train: bool = False):
+  def __call__(self, cls_attn, out_norms, prev_mask, *, train: bool = False):
     """Returns (keep mask [b, n], scores [b, n])."""
     theta = self.param("threshold", nn.initializers.constant(self.init_threshold), (),
                        jnp.float32)
-    scores = token_scores(cls_attn, value_norms)
+    scores = token_scores(cls_attn, out_norms)
     return threshold_mask(scores, theta, prev_mask, train=train,
                           temperature=self.temperature), scores
 

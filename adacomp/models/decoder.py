@@ -50,6 +50,14 @@ class DecoderConfig:
   ffn_cls: Any = DenseFFN
   attention_cls: Any = MultiHeadAttention
   norm: str = "rms"  # or "layernorm" (non-parametric, TokenFormer)
+  # The norm before the logits; None: `norm`. The released TokenFormer configs use a
+  # non-parametric norm in the blocks and 'layernorm' (scale and bias) here: 'layernorm_affine'.
+  final_norm: Optional[str] = None
+
+
+def final_norm_kind(cfg: DecoderConfig) -> str:
+  """The final norm's kind: `final_norm`, or the blocks' `norm` when unset."""
+  return cfg.norm if cfg.final_norm is None else cfg.final_norm
 
 
 def block_kwargs(cfg: DecoderConfig, decode: bool = False) -> dict:
@@ -102,7 +110,8 @@ class DecoderLM(nn.Module):
         route = None if routes is None else routes[i]
         x = block_cls(name=f"block_{i}", **block_kw)(x, positions, active, route)
 
-    x = make_norm(cfg.norm, dtype=dtype, param_dtype=param_dtype, name="final_norm")(x)
+    x = make_norm(final_norm_kind(cfg), dtype=dtype, param_dtype=param_dtype,
+                  name="final_norm")(x)
     if cfg.tied_embeddings:
       logits = embed.attend(x)
     else:

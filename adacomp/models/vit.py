@@ -19,10 +19,26 @@ threshold (Liu et al., arXiv 2209.13802). Three forward modes:
   * train=False, capacity=(k_1, ...): after stage s only the class token and k_s image tokens
     per image are kept in the arrays (per-image top-k by score), so every later block really
     computes on 1 + k_s tokens; a static shape for the whole batch.
+  * `batch_k_apply`: the released code's batched inference, k_s = floor(total kept at stage s
+    in the batch / B) per batch, run stage by stage (the host reads each k, as the released
+    code's `.item()` does) with the arrays padded to k rounded up to a multiple of 8, so each
+    stage compiles at most ceil(tokens / 8) shapes.
 
-FLOPs in the budget are whole-model MACs per image (patch embedding, blocks, head), with the
-straight-through masks so the term has a gradient: block MACs are
-sum_j m_j (4 d H d_head + 2 d d_ff) + 2 H d_head (sum_j m_j)^2.
+FLOPs in the budget are MACs per image with the straight-through masks, so the term has a
+gradient: block MACs are sum_j m_j (4 d H d_head + 2 d d_ff) + 2 H d_head (sum_j m_j)^2.
+`budget_form` picks the term:
+  * 'normalised' (default): budget_weight * |mean_b F_b / F_dense - rho|, F whole-model MACs
+    (patch embedding, blocks on kept tokens + the class token, head), F_dense the same count
+    for the dense model.
+  * 'gflops' (the released losses.py): budget_weight * |mean_b F'_b - rho F'_T| in GMACs (the
+    released code calls them GFLOPs), counted as the released vit.py counts them: F' = patch
+    embedding + blocks on the kept tokens and the class token, no head; the teacher's F'_T =
+    patch embedding + blocks on the N image tokens only (`cal_flops` leaves the class token
+    out). Since |mean F' - rho F'_T| = F'_T |mean F' / F'_T - rho|, weight w here acts as weight
+    w * F'_T (F'_T in GMACs) on the normalised form, up to the counting differences (no head;
+    the teacher without its class token): at DeiT-S F'_T = 4.6, so the released weight 2.0 is
+    the normalised form's 9.2; for the tiny digits ViT F'_T = 0.016, so the released weight
+    is ~60 times weaker than the normalised one there.
 """
 import dataclasses
 from typing import Any, Optional, Sequence
@@ -35,7 +51,10 @@ import jax.numpy as jnp
 from adacomp.models.decoder import parse_dtype
 from layers.encoder import EncoderBlock
 from layers.normalization import LayerNorm
-from layers.token_pruning import ThresholdPruner, pack_top_k, validate_stages
+from layers.token_pruning import (ThresholdPruner, bucket_capacity, pack_batch_k, pack_top_k,
+                                  validate_stages)
+
+BUDGET_FORMS = ("normalised", "gflops")
 
 
 @gin.configurable
@@ -60,6 +79,7 @@ class ViTConfig:
   temperature: float = 1e-4
   budget_ratio: Optional[float] = None  # rho; None: no budget term
   budget_weight: float = 2.0
+  budget_form: str = "normalised"  # or "gflops", the released form (module docstring)
   distill_weight: float = 0.5
 
   @property
@@ -74,6 +94,8 @@ class ViTConfig:
       raise ValueError("ViTConfig.channels and ViTConfig.num_classes must be set (the trainer "
                        "takes them from the dataset; set them when building a ViT by hand).")
     validate_stages(self.prune_after, self.threshold_init, self.num_layers)
+    if self.budget_form not in BUDGET_FORMS:
+      raise ValueError(f"ViTConfig.budget_form={self.budget_form!r}; use one of {BUDGET_FORMS}.")
 
 
 def dense_macs_per_image(cfg: ViTConfig) -> float:
@@ -84,6 +106,21 @@ def dense_macs_per_image(cfg: ViTConfig) -> float:
   block = n * (4 * cfg.d_model * inner + 2 * cfg.d_model * cfg.d_ff) + 2 * inner * n * n
   return float(cfg.num_patches * patch_dim * cfg.d_model + cfg.num_layers * block +
                cfg.d_model * cfg.num_classes)
+
+
+def block_macs(cfg: ViTConfig, tokens):
+  """MACs of one encoder block on `tokens` tokens (the released `Block.flops` when H d_head =
+  d): 4 d H d_head n + 2 d d_ff n + 2 H d_head n^2."""
+  inner = cfg.num_heads * cfg.head_dim
+  return tokens * (4 * cfg.d_model * inner + 2 * cfg.d_model * cfg.d_ff) + 2 * inner * tokens ** 2
+
+
+def released_teacher_gmacs(cfg: ViTConfig) -> float:
+  """F'_T of the 'gflops' budget form, in GMACs: the released `cal_flops`, patch embedding +
+  every block on the N image tokens (no class token, no head)."""
+  patch_dim = cfg.patch_size ** 2 * cfg.channels
+  return (cfg.num_patches * patch_dim * cfg.d_model +
+          cfg.num_layers * block_macs(cfg, cfg.num_patches)) / 1e9
 
 
 def patchify(images, patch_size: int):
@@ -99,13 +136,23 @@ class ViT(nn.Module):
 
   @nn.compact
   def __call__(self, images, *, train: bool = False,
-               capacity: Optional[Sequence[int]] = None):
-    """images: float [b, H, W, C]; returns float32 logits [b, num_classes] (module docstring)."""
+               capacity: Optional[Sequence[int]] = None, stop_at_stage: Optional[int] = None,
+               resume: Optional[tuple] = None):
+    """images: float [b, H, W, C]; returns float32 logits [b, num_classes] (module docstring).
+
+    `stop_at_stage` / `resume` split the inference pass at pruning stages for
+    `batch_k_apply`: stop_at_stage=s returns (x, present, keep, scores) at stage s, before its
+    packing; resume=(s, k, capacity, x, present, scores) packs that state by the released
+    batched rule (`pack_batch_k`) and runs on (images is then ignored; pass None).
+    """
     cfg = self.config
     cfg.validate()
     dtype, param_dtype = parse_dtype(cfg.dtype), parse_dtype(cfg.param_dtype)
-    b, h, w, c = images.shape
-    if (h, w, c) != (cfg.image_size, cfg.image_size, cfg.channels):
+    if resume is not None:
+      b, c = resume[3].shape[0], cfg.channels
+    else:
+      b, h, w, c = images.shape
+    if resume is None and (h, w, c) != (cfg.image_size, cfg.image_size, cfg.channels):
       raise ValueError(f"ViT got images of shape {(h, w, c)}, the config expects "
                        f"{(cfg.image_size, cfg.image_size, cfg.channels)}; set "
                        f"image_dataset.image_size / ViTConfig.image_size to match.")
@@ -131,10 +178,12 @@ class ViT(nn.Module):
     b_head = self.param("head_bias", nn.with_logical_partitioning(nn.initializers.zeros,
                                                                   ("vocab",)),
                         (cfg.num_classes,), param_dtype)
-    x = patchify(images.astype(dtype), cfg.patch_size) @ w_pe.astype(dtype) + b_pe.astype(dtype)
-    x = jnp.concatenate([jnp.broadcast_to(cls.astype(dtype), (b, 1, d)), x], axis=1)
-    x = x + pos.astype(dtype)
-    self.sow("intermediates", "macs", jnp.full((b, n_img), patch_dim * d, jnp.float32))
+    if resume is None:
+      x = (patchify(images.astype(dtype), cfg.patch_size) @ w_pe.astype(dtype) +
+           b_pe.astype(dtype))
+      x = jnp.concatenate([jnp.broadcast_to(cls.astype(dtype), (b, 1, d)), x], axis=1)
+      x = x + pos.astype(dtype)
+      self.sow("intermediates", "macs", jnp.full((b, n_img), patch_dim * d, jnp.float32))
 
     blocks = [EncoderBlock(cfg.num_heads, cfg.head_dim, cfg.d_ff, cfg.activation, dtype=dtype,
                            param_dtype=param_dtype, name=f"block_{i}")
@@ -144,19 +193,21 @@ class ViT(nn.Module):
     final_norm = LayerNorm(use_scale=True, use_bias=True, dtype=dtype, param_dtype=param_dtype,
                            name="final_norm")
 
-    def forward(x, prune: bool):
-      """Returns (logits, differentiable MACs per image [b], kept fraction per stage)."""
-      mask = None
-      cost = jnp.full((b,), n_img * patch_dim * d + d * cfg.num_classes, jnp.float32)
+    def forward(x, prune: bool, mask=None, first_block=0):
+      """Returns (logits, differentiable MACs per image [b] without the head, kept fraction
+      per stage), or the state at stage `stop_at_stage`."""
+      cost = jnp.full((b,), n_img * patch_dim * d, jnp.float32)
       kept = []
-      for i, block in enumerate(blocks):
-        x, cls_attn, value_norms = block(x, mask)
+      for i, block in enumerate(blocks[first_block:], start=first_block):
+        x, cls_attn, out_norms = block(x, mask)
         m = jnp.ones(x.shape[:2], jnp.float32) if mask is None else mask
         count = jnp.sum(m, axis=-1)
         cost = cost + count * (4 * d * inner + 2 * d * cfg.d_ff) + 2 * inner * count * count
         if prune and i + 1 in stages:
           k = stages.index(i + 1)
-          mask, scores = pruners[k](cls_attn, value_norms, m, train=train)
+          mask, scores = pruners[k](cls_attn, out_norms, m, train=train)
+          if stop_at_stage == k:
+            return x, m, mask, scores
           if capacity is not None:
             x, mask, _ = pack_top_k(x, scores, mask, int(capacity[k]))
           kept.append(jnp.sum(mask[:, 1:], axis=-1) / n_img)
@@ -164,15 +215,25 @@ class ViT(nn.Module):
                           preferred_element_type=jnp.float32) + b_head.astype(jnp.float32)
       return logits, cost, kept
 
-    logits, cost, kept = forward(x, prune=bool(stages))
+    if resume is not None:
+      stage, k, cap, x, present, scores = resume
+      x, mask = pack_batch_k(x, scores, present, k, int(cap))
+      # The blocks before the stage ran in an earlier call; here their parameters go unused.
+      return forward(x, True, mask, first_block=stages[stage])
+    out = forward(x, prune=bool(stages))
+    if stop_at_stage is not None:
+      return out
+    logits, cost, kept = out
     self.sow("intermediates", "macs", jnp.full((b, 1), d * cfg.num_classes, jnp.float32))
     for k, fraction in enumerate(kept):
       self.sow("intermediates", f"kept_stage{k}", fraction)
     if train and stages:
-      dense = dense_macs_per_image(cfg)
-      if cfg.budget_ratio is not None:
-        self.sow("losses", "budget",
-                 cfg.budget_weight * jnp.abs(jnp.mean(cost) / dense - cfg.budget_ratio))
+      if cfg.budget_ratio is not None and cfg.budget_form == "gflops":
+        self.sow("losses", "budget", cfg.budget_weight * jnp.abs(
+            jnp.mean(cost) / 1e9 - cfg.budget_ratio * released_teacher_gmacs(cfg)))
+      elif cfg.budget_ratio is not None:
+        fraction = (jnp.mean(cost) + d * cfg.num_classes) / dense_macs_per_image(cfg)
+        self.sow("losses", "budget", cfg.budget_weight * jnp.abs(fraction - cfg.budget_ratio))
       if cfg.distill_weight:
         teacher, _, _ = forward(x, prune=False)
         teacher = jax.lax.stop_gradient(teacher)
@@ -180,6 +241,56 @@ class ViT(nn.Module):
                                                 jax.nn.log_softmax(logits)), axis=-1)
         self.sow("losses", "distillation", cfg.distill_weight * jnp.mean(kl))
     return logits
+
+
+def batch_k_apply(model: ViT, params, images, weights=None, multiple: int = 8):
+  """Logits [b, classes] by the released batched inference, and the k per stage.
+
+  At each stage s, k_s = floor(tokens kept by the thresholds, summed over the batch's images
+  (those with weight > 0 when `weights` is given, so padding does not count) / their number);
+  every image then keeps its k_s highest-scored tokens (`pack_batch_k`), padded to
+  `bucket_capacity(k_s)`. One jitted function per (stage, input length, capacity), cached.
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  stages = len(model.config.prune_after)
+  if not stages:
+    return _jitted(model, None)(params, images), ()
+  real = (np.ones(images.shape[0], bool) if weights is None else np.asarray(weights) > 0)
+  count = max(int(real.sum()), 1)
+  x, present, keep, scores = _jitted(model, ("stop", 0))(params, images)
+  ks = []
+  for s in range(stages):
+    kept = np.asarray(keep)[real, 1:].sum()
+    k = int(kept) // count
+    cap = bucket_capacity(k, x.shape[1] - 1, multiple)
+    ks.append(k)
+    state = (x, present, scores)
+    key = ("resume", s, cap) + (("stop", s + 1) if s + 1 < stages else ())
+    out = _jitted(model, key)(params, jnp.int32(k), *state)
+    if s + 1 < stages:
+      x, present, keep, scores = out
+    else:
+      logits = out[0]
+  return logits, tuple(ks)
+
+
+_JIT_CACHE = {}
+
+
+def _jitted(model: ViT, key):
+  """The jitted segment `key` of `model`'s inference pass (see batch_k_apply)."""
+  model = ViT(model.config)
+  if (model.config, key) not in _JIT_CACHE:
+    if key is None:
+      fn = lambda p, x: model.apply({"params": p}, x)
+    elif key[0] == "stop":
+      fn = lambda p, x: model.apply({"params": p}, x, stop_at_stage=key[1])
+    else:
+      stop = key[4] if len(key) > 3 else None
+      fn = lambda p, k, x, present, scores: model.apply(
+          {"params": p}, None, stop_at_stage=stop, resume=(key[1], k, key[2], x, present, scores))
+    _JIT_CACHE[(model.config, key)] = jax.jit(fn)
+  return _JIT_CACHE[(model.config, key)]
 
 
 def build_vit(channels: int, num_classes: int, config: Optional[ViTConfig] = None) -> ViT:

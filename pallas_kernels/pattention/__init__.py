@@ -1,4 +1,4 @@
-"""pattention: TokenFormer's token-parameter attention (arXiv 2410.23572), fused.
+"""pattention: TokenFormer's token-parameter attention (arXiv 2410.23168), fused.
 
     out = Theta(X K_P^T) V_P,   Theta(S)_i = GeLU(S_i * tau / ||S_i||_2)
 

@@ -9,7 +9,8 @@ recomputes the scores, so X K_P^T costs (1 + d_out / block_out) times its FLOPs:
 trades registers for less recomputation.
 
 Blocks are powers of two >= 16, loads masked; defaults block_t 32, block_n 64, block_d 32,
-block_out 64. Nothing overflows: n is fixed by the parameters.
+block_out 64. Nothing overflows: n is fixed by the parameters. GeLU is the exact one, through
+`_common.erfc_f32` (exp and arithmetic only: Triton lowers no erf).
 """
 import jax
 import jax.numpy as jnp
@@ -65,7 +66,7 @@ def pattention(x, k_p, v_p, *, tau, eps=reference.EPS, block_t=32, block_n=64, b
 
     def one_block(j, acc):
       s = _score_block(x_ref, k_ref, i, j, bt, bn, bd, t, n, d_in)
-      a = _common.ACTIVATIONS["gelu"](s * scale[:, None])
+      a = _common.gelu_exact_triton(s * scale[:, None])
       key_ok = j * bn + jnp.arange(bn) < n
       v = pltriton.load(v_ref.at[pl.ds(j * bn, bn), pl.ds(o * bo, bo)],
                         mask=key_ok[:, None] & col_ok[None, :], other=0)

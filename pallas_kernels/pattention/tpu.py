@@ -9,6 +9,7 @@ stays on block 0). Parameter tokens past n in the last block are masked out of b
 
 Blocks: block_t (multiple of 8, 16 for bf16) x block_n (multiple of 128) score tiles, the whole
 of d_in and d_out in VMEM. Defaults 256 x 512. Nothing overflows: n is fixed by the parameters.
+GeLU is the exact one, x (1 + erf(x / sqrt 2)) / 2 (Mosaic lowers lax.erf, not lax.erfc).
 """
 import jax
 import jax.numpy as jnp
@@ -50,7 +51,7 @@ def pattention(x, k_p, v_p, *, tau, eps=reference.EPS, block_t=256, block_n=512,
     @pl.when(second == 1)
     def _attend():
       scale = tau * jax.lax.rsqrt(_common.read_row_stat(ss_ref) + eps)
-      a = _common.ACTIVATIONS["gelu"](s * scale)
+      a = _common.gelu_exact_mosaic(s * scale)
       v_ok = j * tn + jax.lax.broadcasted_iota(jnp.int32, v_ref.shape, 0) < n
       v = _common.tpu_select(v_ok, v_ref[...])
       acc_ref[...] += jnp.dot(a.astype(v.dtype), v, preferred_element_type=jnp.float32)

@@ -20,10 +20,10 @@ D_IN, D_OUT, N = 12, 20, 24
 
 
 def paper_pattention(x, k_p, v_p, tau):
-  """Eq. 5-6 written out: GeLU(S_i * tau / ||S_i||_2) V_P, S = X K_P^T (tanh GeLU, eps 1e-6)."""
+  """Eq. 5-6 written out: GeLU(S_i * tau / ||S_i||_2) V_P, S = X K_P^T (exact GeLU, eps 1e-6)."""
   s = x @ k_p.T
   z = s * tau / jnp.sqrt(jnp.sum(s ** 2, axis=-1, keepdims=True) + 1e-6)
-  return jax.nn.gelu(z, approximate=True) @ v_p
+  return jax.nn.gelu(z, approximate=False) @ v_p
 
 
 def _random(shape, seed):
@@ -126,3 +126,26 @@ def test_tokenformer_config_has_about_the_dense_tiny_parameter_count():
   assert cfg.norm == "layernorm" and cfg.rope_fraction == 0.25
   # The code's value init, 2 / (L sqrt(d)), read from the config's own sizes.
   assert cfg.ffn_cls.keywords["value_std"] == pytest.approx(2 / (4 * math.sqrt(128)))
+
+
+def test_parametric_final_norm_is_scale_and_bias_before_the_tied_logits():
+  tokens = jax.random.randint(jax.random.key(3), (2, 10), 0, 50)
+  default = nn.meta.unbox(DecoderLM(_tokenformer_config()).init(jax.random.key(0), tokens))
+  assert "final_norm" not in default["params"]  # the non-parametric default is unchanged
+  cfg = _tokenformer_config(final_norm="layernorm_affine")
+  params = nn.meta.unbox(DecoderLM(cfg).init(jax.random.key(0), tokens)["params"])
+  assert set(params["final_norm"]) == {"scale", "bias"}
+  # Scale 0, bias b: every position's logits are b against the tied embedding, E b.
+  bias = jax.random.normal(jax.random.key(4), (32,))
+  params["final_norm"] = {"scale": jnp.zeros(32), "bias": bias}
+  logits = DecoderLM(cfg).apply({"params": params}, tokens)
+  expected = np.asarray(params["embed"]["embedding"]) @ np.asarray(bias)
+  np.testing.assert_allclose(logits, np.broadcast_to(expected, logits.shape), rtol=1e-5,
+                             atol=1e-5)
+  # KV-cache decoding applies the same final norm.
+  params["final_norm"]["scale"] = jnp.full(32, 1.5)
+  full = DecoderLM(cfg).apply({"params": params}, tokens)
+  got = decoding.teacher_forced_logits(decoding.Decoder(cfg), params, tokens,
+                                       skip_schedule.full_schedule(10, cfg.num_layers),
+                                       prompt_len=3)
+  np.testing.assert_allclose(got, full, rtol=2e-4, atol=2e-4)

@@ -52,8 +52,28 @@ OPS = {
 }
 
 
-def _module(op, impl, platform, dtype):
+def _ffn_args_unaligned(dt):
+  return (S((300, 200), dt), S((2,), I32), S((2, 200, 520), dt), S((2, 520, 200), dt),
+          S((2,), I32))
+
+
+# The same ops on shapes that are multiples of neither the (8, 128) TPU tile nor a power of two:
+# the kernels' masking and padding must lower too, not only the aligned fast path.
+UNALIGNED = {
+    "routed_ffn": _ffn_args_unaligned,
+    "routed_ffn_grad": _ffn_args_unaligned,
+    "gather_matmul": lambda dt: (S((300, 200), dt), S((77,), I32), S((200, 330), dt)),
+    "scatter_add": lambda dt: (S((77, 200), dt), S((77,), I32), S((300, 200), dt)),
+    "scatter_set": lambda dt: (S((77, 200), dt), S((77,), I32), S((300, 200), dt)),
+    "pattention": lambda dt: (S((300, 200), dt), S((700, 200), dt), S((700, 330), dt)),
+    "varlen_attention": lambda dt: (S((3, 200, 2, 64), dt),) * 3 + (S((3,), I32),),
+    "varlen_attention_causal": lambda dt: (S((3, 200, 2, 64), dt),) * 3 + (S((3,), I32),),
+}
+
+
+def _module(op, impl, platform, dtype, aligned=True):
   fn, shapes = OPS[op]
+  shapes = shapes if aligned else UNALIGNED[op]
   exported = export.export(jax.jit(fn(impl)), platforms=[platform],
                            disabled_checks=DISABLED.get(platform, []))(*shapes(dtype))
   return exported.mlir_module()
@@ -64,6 +84,13 @@ def _module(op, impl, platform, dtype):
 @pytest.mark.parametrize("op", sorted(OPS))
 def test_pallas_kernel_lowers_to_the_platform_custom_call(op, platform, dtype):
   assert CUSTOM_CALL[platform] in _module(op, "pallas", platform, dtype)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_pallas_kernel_lowers_unaligned_shapes_to_the_platform_custom_call(op, platform, dtype):
+  assert CUSTOM_CALL[platform] in _module(op, "pallas", platform, dtype, aligned=False)
 
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])

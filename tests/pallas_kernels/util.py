@@ -1,8 +1,12 @@
 """Shared checks for the kernel tests.
 
-Tolerances: float32 outputs match to rtol 1e-5 plus an absolute slack of 1e-5 x max|expected|
-(elements that cancel to near 0 carry the rounding of their large terms); bfloat16 to rtol 1e-2
-plus 1e-2 x max|expected|. Every comparison also requires the kernel output to be finite: the
+Tolerances, per element: float32 outputs match to rtol 1e-5 plus an absolute slack of
+1e-5 x max|expected| (elements that cancel to near 0 carry the rounding of their large terms);
+bfloat16 to rtol 1e-2 of each element (about one bf16 ulp, 2^-7: the output rounding after
+an f32 accumulation in another order) plus a floor of 2e-3 x max|expected| for elements that
+cancel, where a flipped rounding of an intermediate (probabilities, Theta) outweighs the result
+(the largest seen: 1e-3 x max, varlen_attention). A wrong element anywhere larger than 1% (or
+0.2% of the largest) fails. Every comparison also requires the kernel output to be finite: the
 interpreters fill output memory with NaN before the kernel runs (Mosaic's TPU interpreter fills
 each VMEM output block, the HLO interpreter each output array), so an element the kernel forgot
 to write shows up as NaN. test_dispatch.py checks that premise.
@@ -27,18 +31,19 @@ def kernel_module(impl: str, tpu, gpu):
     return (tpu if jax.default_backend() == "tpu" else gpu), False
   return {"interpret": tpu, "interpret_gpu": gpu}[impl], True
 
-TOLERANCE = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.bfloat16): 1e-2}
+# dtype -> (relative tolerance per element, absolute floor as a fraction of max|expected|)
+TOLERANCE = {jnp.dtype(jnp.float32): (1e-5, 1e-5), jnp.dtype(jnp.bfloat16): (1e-2, 2e-3)}
 
 
 def assert_matches(actual, expected):
   """actual (kernel) is finite and equals expected (reference) within the dtype's tolerance."""
   assert actual.shape == expected.shape and actual.dtype == expected.dtype
-  tol = TOLERANCE[jnp.dtype(expected.dtype)]
+  rtol, floor = TOLERANCE[jnp.dtype(expected.dtype)]
   actual = np.asarray(jnp.asarray(actual, jnp.float32))
   expected = np.asarray(jnp.asarray(expected, jnp.float32))
   assert np.isfinite(actual).all(), f"{np.size(actual) - np.isfinite(actual).sum()} non-finite"
   scale = max(float(np.abs(expected).max(initial=0.0)), 1e-30)
-  np.testing.assert_allclose(actual, expected, rtol=tol, atol=tol * scale)
+  np.testing.assert_allclose(actual, expected, rtol=rtol, atol=floor * scale)
 
 
 def jit_call(fn, *args, **kwargs):

@@ -1,6 +1,6 @@
 """TokenFormer's progressive scaling: grow a trained checkpoint by appending parameter tokens.
 
-TokenFormer (arXiv 2410.23572, sec. 3.3) scales a trained model by appending new key-value
+TokenFormer (arXiv 2410.23168, sec. 3.3) scales a trained model by appending new key-value
 parameter tokens to its Pattention layers and training on. This module reads the latest
 checkpoint of a TokenFormer workdir, appends tokens to the chosen Pattention layers, extends the
 optimizer state to match, and writes a NEW workdir (the source is only read) whose config.gin is

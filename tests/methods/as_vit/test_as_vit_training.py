@@ -51,6 +51,13 @@ def test_as_vit_fine_tuned_from_the_dense_vit_moves_its_compute_toward_the_budge
   # the pruned model's compute moves toward rho = 0.4.
   assert summary["compute_fraction"] < 0.85, summary
   assert summary["kept_stage0"] >= summary["kept_stage1"]
+  # Per-batch k over 3 full batches of 32: at stage 0 (the same tokens as the exact model) the
+  # mean of floor(kept tokens in a batch / 32) is within one token under the mean kept count
+  # (16 image tokens of 8x8 patches); stage 1 sees only stage 0's k tokens per image.
+  gap = summary["kept_stage0"] * 16 - summary["batch_k_stage0"]
+  assert 0.0 <= gap < 1.0 + 1e-6, summary
+  assert summary["batch_k_stage1"] <= summary["batch_k_stage0"]
+  assert 0.0 <= summary["accuracy_batch_k"] <= 1.0
 
   gin.clear_config()
   step, meta = checkpointing.read_meta(str(tmp_path / "as_vit"))
@@ -60,3 +67,25 @@ def test_as_vit_fine_tuned_from_the_dense_vit_moves_its_compute_toward_the_budge
   assert report["compute_fraction"] == pytest.approx(summary["compute_fraction"], rel=1e-6)
   assert report["accuracy"] == pytest.approx(summary["accuracy"])
   assert "top-1" in report["summary_line"]
+
+
+def test_pruning_thresholds_are_not_weight_decayed_and_the_other_weights_are():
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from adacomp.models.vit import ViT, ViTConfig  # pylint: disable=g-import-not-at-top
+  cfg = ViTConfig(image_size=16, patch_size=4, channels=1, num_classes=3, num_layers=3,
+                  d_model=16, num_heads=2, head_dim=8, d_ff=32, prune_after=(1, 2),
+                  threshold_init=(0.01, 0.02))
+  params = jax.tree.map(lambda a: a + 0.5, ViT(cfg).init(
+      jax.random.key(0), jnp.zeros((1, 16, 16, 1)))["params"])
+  params = jax.tree.map(lambda a: a.value if hasattr(a, "value") else a, params,
+                        is_leaf=lambda a: hasattr(a, "value"))
+  tx = training.make_optimizer(10, learning_rate=1.0, warmup_steps=0, schedule="constant",
+                               weight_decay=0.5, grad_clip_norm=None)
+  # Zero gradients: Adam's step is 0, so every change is the decoupled decay -lr * wd * w.
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  for stage in ("pruner_0", "pruner_1"):
+    assert float(updates[stage]["threshold"]) == 0.0
+  np.testing.assert_allclose(updates["block_0"]["wi"], -0.5 * params["block_0"]["wi"], rtol=1e-6)
+  np.testing.assert_array_equal(updates["block_0"]["attn_norm"]["scale"], 0.0)

@@ -89,7 +89,7 @@ def test_zero_value_growth_is_the_old_layer_with_each_rows_tau_shrunk():
   s_old, s_new = x @ k_old.T, x @ k_new.T
   c = jnp.sqrt(jnp.sum(s_old ** 2, -1) / (jnp.sum(s_old ** 2, -1) + jnp.sum(s_new ** 2, -1)))
   z = s_old * (c * math.sqrt(8))[:, None] / jnp.linalg.norm(s_old, axis=-1, keepdims=True)
-  np.testing.assert_allclose(grown, jax.nn.gelu(z, approximate=True) @ v_old, rtol=1e-4,
+  np.testing.assert_allclose(grown, jax.nn.gelu(z, approximate=False) @ v_old, rtol=1e-4,
                              atol=1e-5)
 
 
