@@ -233,7 +233,8 @@ def run_analysis(checkpoint_dir: str, output_dir: str, *, router_dirs: Sequence[
       `max_patterns` patterns, `per_round` per batch, started from the random routings) or
       "auto": exhaustive when 3^L <= oracle.MAX_PATTERNS (L <= 10), local otherwise.
     num_random, seed: the random baseline, `num_random` random routings per budget.
-    gap_free_layers: for each m, `search_gap` on m layers (3^m patterns evaluated).
+    gap_free_layers: for each m, `search_gap` on m layers (3^m patterns evaluated; its
+      search in rounds of `chunk` patterns).
   """
   say = print if verbose else (lambda *a, **k: None)
   if search not in SEARCHES:
@@ -335,7 +336,7 @@ def run_analysis(checkpoint_dir: str, output_dir: str, *, router_dirs: Sequence[
     mean = float(oracle_lib._weighted_mean(run["loss"][None], weights)[0])  # pylint: disable=protected-access
     stats = _route_stats(run["routes"], weights, widths)
     k = int(np.clip(round(stats["mean_big_layers"]), 0, num_layers))
-    routers.append({"checkpoint_dir": str(rdir), "mode": rmodel.ffn.mode,
+    routers.append({"checkpoint_dir": str(rdir), "step": rmodel.step, "mode": rmodel.ffn.mode,
                     "budget": list(rmodel.ffn.budget), "loss": mean,
                     "bits_per_byte": bpb(mean), **stats,
                     "against": {"max_big": k,
@@ -407,8 +408,9 @@ def run_analysis(checkpoint_dir: str, output_dir: str, *, router_dirs: Sequence[
   }
   for m in gap_free_layers:
     say(f"Search gap on {m} free layers ({3 ** m} patterns)")
+    # Rounds of one chunk: the gap's search reads a table, so small rounds cost nothing.
     report.setdefault("search_gap", []).append(search_gap(
-        duo, batch, m, chunk=chunk, per_round=per_round,
+        duo, batch, m, chunk=chunk, per_round=chunk,
         caps=(3 ** m // 10, 3 ** m // 4, None), progress=ProgressBar("patterns") if verbose
         else None))
   os.makedirs(output_dir, exist_ok=True)
