@@ -71,7 +71,8 @@ class Decoder:
         lambda path, a: (jnp.asarray(position, a.dtype) if path[-1].key == "cache_index"
                          else a), c)
     positions = jnp.zeros(x.shape[:2], jnp.int32)
-    y, mutated = self.block.apply({"params": p, "cache": c}, x, positions, mutable=["cache"])
+    y, mutated = self.block.apply({"params": p, "cache": c}, x, positions, layer=layer,
+                                  mutable=["cache"])
     cache = jax.tree.map(
         lambda a, n: jax.lax.dynamic_update_index_in_dim(a, n, layer, 0), cache,
         mutated["cache"])

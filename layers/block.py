@@ -32,11 +32,12 @@ class DecoderBlock(nn.Module):
   param_dtype: DTypeLike = jnp.float32
 
   @nn.compact
-  def __call__(self, x, positions, active=None, routes=None):
+  def __call__(self, x, positions, active=None, routes=None, layer=None):
     """x: [b, t, d]; active: optional bool [b, t] or [t], False makes the block the identity
     for that token (its output is discarded; the computation still runs, as in training).
     routes: optional int [b, t] routing decisions imposed on the FFN (adaptive FFNs take a
-    `routes` keyword; None lets the FFN decide)."""
+    `routes` keyword; None lets the FFN decide). layer: this block's index (int or traced
+    int32), passed to FFNs that declare `takes_layer` (seeded per-layer random routes)."""
     x_in = x
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     y = make_norm(self.norm, name="attn_norm", **kw)(x)
@@ -47,7 +48,10 @@ class DecoderBlock(nn.Module):
     x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
     y = make_norm(self.norm, name="ffn_norm", **kw)(x)
     ffn = self.ffn_cls(d_ff=self.d_ff, activation=self.activation, name="ffn", **kw)
-    y = ffn(y) if routes is None else ffn(y, routes=routes)
+    ffn_kw = {} if routes is None else {"routes": routes}
+    if layer is not None and getattr(ffn, "takes_layer", False):
+      ffn_kw["layer"] = layer
+    y = ffn(y, **ffn_kw)
     x = x + y
     if active is not None:
       x = jnp.where(jnp.broadcast_to(active, x.shape[:2])[..., None], x, x_in)

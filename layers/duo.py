@@ -17,10 +17,10 @@ Routes come, in order of precedence, from
     "big" / "small" / "skip" (every token one route).
 
 Choices the paper leaves open, made here (each one an attribute, so a gin parameter):
-  * Random routes are drawn from the `routing` rng stream when the caller gives one (training);
-    otherwise from `jax.random.key(seed)`, so evaluation is deterministic. The fixed key does not
-    depend on the layer: layers stacked with `nn.scan` then share one pattern. Pass a `routing`
-    rng for independent per-layer patterns, or impose `routes`. A draw is per call, so a KV-cache
+  * Random routes are drawn from the `routing` rng stream when the caller gives one (training;
+    `nn.scan` splits it per layer); otherwise from fold_in(jax.random.key(seed), layer), the
+    block's index passed in by the decoder (`layer`, scanned with the blocks), so evaluation is
+    deterministic and every layer gets its own pattern. A draw is per call, so a KV-cache
     decoding loop (one position per call) does not reproduce the full forward pass's pattern;
     impose `routes` there too.
   * Router: logits = W_r x (+ b_r), a linear map d -> 3 from the FFN's input (the normed hidden
@@ -174,6 +174,9 @@ class DuoFFN(nn.Module):
   capacity: Optional[Tuple[float, float]] = None
   impl: Optional[str] = None
 
+  # DecoderBlock passes its layer index to FFNs that declare this (not a dataclass field).
+  takes_layer = True
+
   def _check(self, x):
     if self.mode not in MODES:
       raise ValueError(f"DuoFFN.mode={self.mode!r}; choose one of {MODES}.")
@@ -197,7 +200,7 @@ class DuoFFN(nn.Module):
       w_in, w_out = jax.lax.stop_gradient(w_in), jax.lax.stop_gradient(w_out)
     return w_in.astype(self.dtype), w_out.astype(self.dtype)
 
-  def _decide(self, shape, logits):
+  def _decide(self, shape, logits, layer):
     """Routes int32 [b, t] and the straight-through term (zero-valued, [b, t, 3]) or None."""
     if self.mode == "router":
       if not self.has_rng("routing"):
@@ -208,8 +211,9 @@ class DuoFFN(nn.Module):
       soft = jax.nn.softmax((logits + noise) / self.temperature, axis=-1)
       return jnp.argmax(soft, -1).astype(jnp.int32), straight_through_zero(soft)
     if self.mode == "random":
+      # Without a routing rng the seed key alone would give every scanned layer one pattern.
       key = (self.make_rng("routing") if self.has_rng("routing") else
-             jax.random.key(self.seed))
+             jax.random.fold_in(jax.random.key(self.seed), layer))
       mix = jnp.asarray(self.mix, jnp.float32)
       routes = jax.random.categorical(key, jnp.log(mix / jnp.sum(mix)), shape=shape)
       return routes.astype(jnp.int32), None
@@ -222,8 +226,9 @@ class DuoFFN(nn.Module):
     return self.budget_weight * jnp.sum(jnp.square(fractions - target))
 
   @nn.compact
-  def __call__(self, x, routes=None):
-    """x: [b, t, d]; routes: optional int [b, t] in {SKIP, SMALL, BIG}. Returns y [b, t, d]."""
+  def __call__(self, x, routes=None, layer=0):
+    """x: [b, t, d]; routes: optional int [b, t] in {SKIP, SMALL, BIG}; layer: the block's
+    index (int or traced int32), folded into random mode's seed key. Returns y [b, t, d]."""
     self._check(x)
     b, t, d_model = x.shape
     d_small = self.d_ff // 4 if self.d_ff_small is None else self.d_ff_small
@@ -237,7 +242,7 @@ class DuoFFN(nn.Module):
     if routes is not None:
       routes = jnp.asarray(routes, jnp.int32)
     else:
-      routes, straight = self._decide((b, t), logits)
+      routes, straight = self._decide((b, t), logits, layer)
     if routed_by_router:
       self.sow("losses", "duo_budget", self._budget_loss(logits))
 

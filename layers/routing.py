@@ -44,8 +44,10 @@ Compute paths (`compute`):
     gathered subsequence with its own positions), the unit runs on them only and the result is
     scattered back (`pallas_kernels.scatter`); informed mode forecasts the t - k others
     (gathered with an XLA gather: the forecaster is small), greedy mode leaves them at zero.
-    Same values as "masked"; the router's straight-through gradient then reaches executed
-    tokens only (as in MoD). The gather path costs a per-sequence argsort besides.
+    Same values as "masked". The straight-through term is the masked path's, (s - sg(s)) *
+    (u - u_hat), on the executed tokens (so the forecast also runs on those, zero in value);
+    it reaches executed tokens only (as in MoD), where the two paths' router gradients agree
+    (tested). The gather path costs a per-sequence argsort besides.
 
 Attention unit: skipped (or forecast) tokens are not keys or values for anybody, as in MoD: an
 executed token attends to the executed tokens at or before its position. (In "masked" compute a
@@ -58,6 +60,12 @@ Sown: `losses/forecast_distill` (w_d * mean (stop_gradient(u) - u_hat)^2 over ev
 the unit ran) and `macs` (float32 [b, t]): the unit's MACs for executed tokens, the
 forecaster's (informed) or nothing (greedy) for the others, plus the router's for every token
 when the router decided. At sparsity 0 that is exactly the dense unit's MACs.
+
+LoRA (RoutedFFN, `lora_rank`): the paper's optional last stage fine-tunes the frozen base with
+low-rank adapters after the routers; here both FFN matrices get one (`layers.lora`), W_in
+inside the activation and W_out on the hidden state: u(x) = (act(x W_in + LoRA_in(x))) W_out +
+LoRA_out(act(...)). Attention is not adapted. B starts at zero, so the unit starts as the
+router stage's; executed tokens pay the adapters' MACs (unmerged).
 
 Parameters keep the dense units' names: `wi`, `wo` (RoutedFFN, like DenseFFN) and `query`,
 `key`, `value`, `out` (RoutedAttention, like MultiHeadAttention), so a dense checkpoint loads
@@ -73,6 +81,7 @@ from jax.typing import DTypeLike
 import pallas_kernels
 from layers.attention import causal_mask, dot_product_attention
 from layers.forecaster import FeatureForecaster, distillation_loss
+from layers.lora import LoRA
 from layers.mlp import activation_fn, feed_forward, ffn_macs
 from layers.rope import apply_rope
 from layers.selection import capacity_tokens, flat_indices, select_top_k, straight_through_zero
@@ -159,6 +168,16 @@ class _Routed(nn.Module):
     s = jax.nn.sigmoid(logits[..., IMPORTANCE])
     return straight_through_zero(s)[..., None].astype(dtype)
 
+  def _gather_straight(self, u, logits, exec_idx, forecaster, xs):
+    """The gather path's u + (s - sg(s)) (u - u_hat) on the executed tokens, u [b * k, d] or
+    [b, k, d], xs their inputs: the masked path's term restricted to them."""
+    st = jnp.take_along_axis(self._straight(logits, u.dtype)[..., 0], exec_idx, axis=1)
+    st = st.reshape(u.shape[:-1] + (1,))
+    # u_hat of the executed tokens, so the router sees the gain of executing over forecasting,
+    # as in the masked path (u alone would be greedy's term).
+    f = jnp.zeros_like(u) if forecaster is None else forecaster(xs).astype(u.dtype)
+    return u + st * (u - f)
+
   def _masked_combine(self, u, f, executed, logits):
     """y = where(executed, u, f) + straight-through * (u - f); f is None in greedy mode."""
     base = jnp.zeros_like(u) if f is None else f
@@ -212,6 +231,7 @@ class RoutedFFN(_Routed):
     router_hidden: hidden width of the router; None means d_model // 4.
     distill_weight: weight of the forecaster's distillation loss (0: not sown).
     recoverability_weight: weight of the recoverability head's regression loss (informed).
+    lora_rank: None, or the rank of LoRA adapters on both FFN matrices (the LoRA stage).
     impl: kernel implementation of the pallas_kernels ops (None: the process default).
   """
   d_ff: int
@@ -226,7 +246,24 @@ class RoutedFFN(_Routed):
   router_hidden: Optional[int] = None
   distill_weight: float = 0.0
   recoverability_weight: float = 1.0
+  lora_rank: Optional[int] = None
   impl: Optional[str] = None
+
+  def _loras(self, d_model: int):
+    if self.lora_rank is None:
+      return None
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    return (LoRA(self.lora_rank, self.d_ff, name="lora_wi", **kw),
+            LoRA(self.lora_rank, d_model, name="lora_wo", **kw))
+
+  def _unit(self, x, w_in, w_out, loras, pre=None):
+    """The FFN on x [..., d] (with its LoRA adapters); `pre` = x W_in when already computed."""
+    pre = jnp.einsum("...d,df->...f", x, w_in) if pre is None else pre
+    if loras is None:
+      h = activation_fn(self.activation)(pre)
+      return jnp.einsum("...f,fd->...d", h, w_out)
+    h = activation_fn(self.activation)(pre + loras[0](x))
+    return jnp.einsum("...f,fd->...d", h, w_out) + loras[1](h)
 
   @nn.compact
   def __call__(self, x, routes=None):
@@ -239,31 +276,34 @@ class RoutedFFN(_Routed):
     w_out = self.param("wo", nn.with_logical_partitioning(self.kernel_init, ("mlp", "embed")),
                        (self.d_ff, d_model), self.param_dtype).astype(self.dtype)
     forecaster, router = self._parts(d_model)
+    loras = self._loras(d_model)
     executed, exec_idx, rest_idx, logits = self._decide(x, router, forecaster, k, routes)
 
     if self.compute == "masked" or (k == t and routes is None and not self.distill_weight):
-      u = feed_forward(x, w_in, w_out, self.activation)
+      u = (feed_forward(x, w_in, w_out, self.activation) if loras is None else
+           self._unit(x, w_in, w_out, loras))
       f = forecaster(x) if forecaster is not None else None
       self._losses(u, f, logits)
       y = u if (k == t and routes is None) else self._masked_combine(u, f, executed, logits)
     else:
-      y = self._gather(x, w_in, w_out, exec_idx, rest_idx, logits, forecaster)
-    self._sow(executed, float(ffn_macs(d_model, self.d_ff)), forecaster, router, logits,
-              d_model)
+      y = self._gather(x, w_in, w_out, exec_idx, rest_idx, logits, forecaster, loras)
+    unit_macs = ffn_macs(d_model, self.d_ff)
+    if loras is not None:
+      unit_macs += loras[0].macs(d_model) + loras[1].macs(self.d_ff)
+    self._sow(executed, float(unit_macs), forecaster, router, logits, d_model)
     return y
 
-  def _gather(self, x, w_in, w_out, exec_idx, rest_idx, logits, forecaster):
+  def _gather(self, x, w_in, w_out, exec_idx, rest_idx, logits, forecaster, loras):
     b, t, d_model = x.shape
     flat = x.reshape(b * t, d_model)
     out = jnp.zeros_like(flat)
     if exec_idx.shape[1]:
       rows = flat_indices(exec_idx, t)
-      h = activation_fn(self.activation)(
-          pallas_kernels.gather_matmul(flat, rows, w_in, impl=self.impl))
-      u = jnp.dot(h, w_out)
+      xs = jnp.take(flat, rows, axis=0)
+      u = self._unit(xs, w_in, w_out, loras,
+                     pre=pallas_kernels.gather_matmul(flat, rows, w_in, impl=self.impl))
       if logits is not None:
-        st = jnp.take_along_axis(self._straight(logits, u.dtype)[..., 0], exec_idx, axis=1)
-        u = u + st.reshape(-1, 1) * u
+        u = self._gather_straight(u, logits, exec_idx, forecaster, xs)
       out = pallas_kernels.scatter(u.astype(out.dtype), rows, out, mode="set", impl=self.impl)
     out = self._forecast_rest(flat, rest_idx, t, forecaster, out)
     return out.reshape(b, t, d_model)
@@ -351,8 +391,7 @@ class RoutedAttention(_Routed):
       ps = jnp.take_along_axis(positions, exec_idx, axis=1)
       u = self._attend(xs, ps, weights, causal_mask(ps, ps))
       if logits is not None:
-        st = jnp.take_along_axis(self._straight(logits, u.dtype)[..., 0], exec_idx, axis=1)
-        u = u + st[..., None] * u
+        u = self._gather_straight(u, logits, exec_idx, forecaster, xs)
       out = pallas_kernels.scatter(u.reshape(-1, d_model).astype(out.dtype),
                                    flat_indices(exec_idx, t), out, mode="set", impl=self.impl)
     out = self._forecast_rest(flat, rest_idx, t, forecaster, out)

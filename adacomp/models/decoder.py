@@ -96,19 +96,23 @@ class DecoderLM(nn.Module):
     block_kw = block_kwargs(cfg, self.decode)
     block_cls = nn.remat(DecoderBlock) if cfg.remat else DecoderBlock
     if cfg.scan_layers:
+      # The layer index is scanned too: blocks are otherwise identical, and an FFN that seeds
+      # its own random routes (DuoFFN at evaluation) must not give every layer the same ones.
       x, _ = nn.scan(
-          lambda module, carry, pos, active, route: (module(carry, pos, active, route), None),
+          lambda module, carry, pos, active, route, layer: (
+              module(carry, pos, active, route, layer), None),
           variable_axes={"params": 0, "cache": 0, "intermediates": 0, "losses": 0},
           split_rngs={"params": True, "dropout": True, "routing": True},
           in_axes=(nn.broadcast, nn.broadcast if layer_mask is None else 0,
-                   nn.broadcast if routes is None else 0),
+                   nn.broadcast if routes is None else 0, 0),
           length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"},
-      )(block_cls(name="blocks", **block_kw), x, positions, layer_mask, routes)
+      )(block_cls(name="blocks", **block_kw), x, positions, layer_mask, routes,
+        jnp.arange(cfg.num_layers, dtype=jnp.int32))
     else:
       for i in range(cfg.num_layers):
         active = None if layer_mask is None else layer_mask[i]
         route = None if routes is None else routes[i]
-        x = block_cls(name=f"block_{i}", **block_kw)(x, positions, active, route)
+        x = block_cls(name=f"block_{i}", **block_kw)(x, positions, active, route, i)
 
     x = make_norm(final_norm_kind(cfg), dtype=dtype, param_dtype=param_dtype,
                   name="final_norm")(x)

@@ -147,15 +147,43 @@ def test_random_route_frequencies_match_mix(p):
   np.testing.assert_array_less(np.abs(counts - n * mix), 4.5 * np.sqrt(n * mix * (1 - mix)))
 
 
-def test_random_routes_are_deterministic_without_a_routing_rng(p):
-  x = _x()
-  module = DuoFFN(d_ff=F, mode="random")
-  _, a, _, _ = _apply(module, p, x)
-  _, b, _, _ = _apply(module, p, x)
-  np.testing.assert_array_equal(a, b)
-  _, other_seed, _, _ = _apply(module.clone(seed=1), p, x)
-  _, sampled, _, _ = _apply(module, p, x, rngs={"routing": jax.random.key(5)})
-  assert not np.array_equal(a, other_seed) and not np.array_equal(a, sampled)
+def test_evaluation_random_routes_are_seeded_independent_per_layer_and_follow_the_mix():
+  """No routing rng (evaluation): each scanned layer draws its own seeded pattern."""
+  mix, num_layers, b, t = np.array([0.2, 0.3, 0.5]), 4, 8, 128
+  cfg = DecoderConfig(vocab_size=40, num_layers=num_layers, d_model=16, num_heads=2,
+                      head_dim=8, d_ff=32, max_len=t,
+                      ffn_cls=functools.partial(DuoFFN, mode="random", mix=tuple(mix)))
+  ids = jax.random.randint(jax.random.key(1), (b, t), 0, 40)
+
+  def routes_of(config, params):
+    _, state = jax.jit(functools.partial(DecoderLM(config).apply, mutable=["intermediates"]))(
+        {"params": params}, ids)
+    inter = state["intermediates"]
+    if "blocks" in inter:
+      return np.asarray(inter["blocks"]["ffn"]["routes"][0])
+    return np.stack([np.asarray(inter[f"block_{i}"]["ffn"]["routes"][0])
+                     for i in range(num_layers)])
+
+  params = _params(DecoderLM(cfg), ids)
+  routes = routes_of(cfg, params)
+  np.testing.assert_array_equal(routes, routes_of(cfg, params))  # deterministic
+  unrolled = DecoderConfig(**{**cfg.__dict__, "scan_layers": False})
+  np.testing.assert_array_equal(routes, routes_of(unrolled, _scan_to_unrolled(params, num_layers)))
+  n = b * t
+  for layer in range(num_layers):
+    counts = np.bincount(routes[layer].ravel(), minlength=3)
+    # 4.5 binomial standard deviations per route: a false alarm about once in 10^5.
+    np.testing.assert_array_less(np.abs(counts - n * mix), 4.5 * np.sqrt(n * mix * (1 - mix)))
+  # Independent layers agree on a token with probability sum_m p_m^2 = 0.38; one shared
+  # pattern (the seed key without the layer) would agree everywhere.
+  agree_p = float(np.sum(mix ** 2))
+  for i in range(num_layers):
+    for j in range(i + 1, num_layers):
+      agree = np.mean(routes[i] == routes[j])
+      assert abs(agree - agree_p) < 4.5 * np.sqrt(agree_p * (1 - agree_p) / n), (i, j, agree)
+  other_seed = DecoderConfig(**{**cfg.__dict__, "ffn_cls": functools.partial(
+      DuoFFN, mode="random", mix=tuple(mix), seed=1)})
+  assert np.mean(routes_of(other_seed, params) == routes) < 0.5
 
 
 def _router_logits(p, x):

@@ -9,7 +9,7 @@ import pytest
 
 from layers.attention import MultiHeadAttention
 from layers.mlp import DenseFFN, ffn_macs
-from layers.routing import RoutedAttention, RoutedFFN, executed_tokens
+from layers.routing import RoutedAttention, RoutedFFN, TokenRouter, executed_tokens
 
 B, T, D, F, H, HD = 2, 16, 32, 64, 2, 16
 SPARSITIES = (0.0, 0.25, 0.5, 0.75)
@@ -185,7 +185,13 @@ def test_losses_distillation_and_recoverability_are_sown():
   forecast = np.asarray(_x()) @ params["forecaster"]["down"] @ params["forecaster"]["up"]
   np.testing.assert_allclose(losses["forecast_distill"][0],
                              2.0 * np.mean((np.asarray(unit) - forecast) ** 2), rtol=1e-5)
-  assert np.isfinite(losses["routing_recoverability"][0])
+  # w_r * mean (e - log(mean_features (u - u_hat)^2 + 1e-6))^2, e the router's second output.
+  r = params["router"]
+  h = np.maximum(np.asarray(_x()) @ r["hidden"]["kernel"] + r["hidden"]["bias"], 0.0)
+  e = (h @ r["logits"]["kernel"] + r["logits"]["bias"])[..., 1]
+  target = np.log(np.mean((np.asarray(unit) - forecast) ** 2, axis=-1) + 1e-6)
+  np.testing.assert_allclose(losses["routing_recoverability"][0],
+                             np.mean((e - target) ** 2), rtol=1e-4)
 
 
 @pytest.mark.parametrize("mode", ["informed", "greedy"])
@@ -214,3 +220,86 @@ def test_imposed_routes_need_the_masked_path():
   params = _params(module.clone(compute="masked"), _x())
   with pytest.raises(ValueError, match="compute='masked'"):
     module.apply({"params": params}, _x(), routes=np.ones((B, T), np.int32))
+
+
+def _unit_case(unit):
+  if unit == "ffn":
+    return RoutedFFN, dict(d_ff=F), (_x(),)
+  return RoutedAttention, dict(num_heads=H, head_dim=HD), (_x(), _positions())
+
+
+@pytest.mark.parametrize("unit", ["ffn", "attention"])
+def test_router_gradients_agree_between_masked_and_gather_and_match_the_formula(unit):
+  """Both paths: y_i + (s_i - sg(s_i)) (u_i - u_hat_i) on executed tokens, s = sigmoid(a), so
+  d loss / d a_i = s_i (1 - s_i) <d loss / d y_i, u_i - u_hat_i> there, 0 for the error head.
+  The loss weighs executed tokens only: the gather path has no u for the others."""
+  cls, kw, args = _unit_case(unit)
+  module = cls(**kw, sparsity=0.5, mode="informed", compute="masked")
+  params = _params(module, *args)
+  y, executed, _, _ = _apply(module, params, *args)
+  weight = jax.random.normal(jax.random.key(11), (B, T, D)) * executed[..., None]
+
+  def loss(p, m):
+    return jnp.sum(jnp.sin(m.apply({"params": p}, *args)) * weight)
+
+  masked = jax.jit(jax.grad(lambda p: loss(p, module)))(params)["router"]
+  gather = jax.jit(jax.grad(lambda p: loss(p, module.clone(compute="gather"))))(params)["router"]
+  # ~1e-5 of each parameter's largest gradient: float32 sums in another order, nothing more.
+  close = lambda rtol: lambda a, b: np.testing.assert_allclose(
+      a, b, rtol=rtol, atol=rtol * float(np.abs(b).max()))
+  jax.tree.map(close(1e-5), masked, gather)
+
+  x = np.asarray(args[0], np.float64)
+  forecast = x @ params["forecaster"]["down"] @ params["forecaster"]["up"]
+  router = TokenRouter(D // 4, 2)
+  logits, vjp = jax.vjp(lambda p: router.apply({"params": p}, args[0]), params["router"])
+  s = 1 / (1 + np.exp(-np.asarray(logits[..., 0], np.float64)))
+  y = np.asarray(y, np.float64)  # = u on executed tokens
+  d_a = executed * s * (1 - s) * np.sum(np.cos(y) * np.asarray(weight) * (y - forecast), -1)
+  (want,) = vjp(jnp.stack([d_a, np.zeros_like(d_a)], -1).astype(jnp.float32))
+  jax.tree.map(close(1e-4), gather, want)
+
+
+def _with_lora(params, rank, seed=None):
+  """params of a RoutedFFN plus LoRA adapters of `rank` (B zero, or random with `seed`)."""
+  lora = _params(RoutedFFN(d_ff=F, sparsity=0.5, lora_rank=rank), _x())
+  out = {**params, "lora_wi": lora["lora_wi"], "lora_wo": lora["lora_wo"]}
+  if seed is not None:
+    for i, name in enumerate(("lora_wi", "lora_wo")):
+      b = out[name]["b"]
+      out[name] = {**out[name], "b": 0.1 * jax.random.normal(jax.random.key(seed + i), b.shape)}
+  return out
+
+
+@pytest.mark.parametrize("compute", ["masked", "gather"])
+def test_lora_adapters_start_as_the_unadapted_unit(compute):
+  base = RoutedFFN(d_ff=F, sparsity=0.5, compute=compute)
+  params = _params(base.clone(compute="masked"), _x())
+  lora = _with_lora(params, 4)
+  assert not np.any(lora["lora_wi"]["b"]) and not np.any(lora["lora_wo"]["b"])
+  y, executed, _, _ = _apply(base, params, _x())
+  y_lora, executed_lora, _, _ = _apply(base.clone(lora_rank=4), lora, _x())
+  np.testing.assert_array_equal(y_lora, y)
+  np.testing.assert_array_equal(executed_lora, executed)
+
+
+@pytest.mark.parametrize("compute", ["masked", "gather"])
+def test_lora_unit_is_the_adapted_ffn_and_pays_the_adapters(compute):
+  module = RoutedFFN(d_ff=F, sparsity=0.5, compute=compute, lora_rank=4)
+  params = _with_lora(_params(module.clone(lora_rank=None, compute="masked"), _x()), 4, seed=3)
+  y, executed, macs, _ = _apply(module, params, _x())
+  x = np.asarray(_x(), np.float64)
+  lora = lambda name, v: v @ params[name]["a"] @ params[name]["b"]
+  h = _gelu(x @ params["wi"] + lora("lora_wi", x))
+  unit = h @ params["wo"] + lora("lora_wo", h)
+  forecast = x @ params["forecaster"]["down"] @ params["forecaster"]["up"]
+  np.testing.assert_allclose(y, np.where(executed[..., None], unit, forecast), rtol=1e-4,
+                             atol=1e-5)
+  adapters = 4 * (D + F) + 4 * (F + D)
+  router = D * (D // 4) + (D // 4) * 2
+  np.testing.assert_array_equal(
+      macs, np.where(executed, 2 * D * F + adapters, 2 * D * (D // 8)) + router)
+
+
+def _gelu(h):
+  return 0.5 * h * (1 + np.vectorize(math.erf)(h / np.sqrt(2)))

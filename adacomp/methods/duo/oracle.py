@@ -22,17 +22,21 @@ Definitions:
   * Cost: per-token FFN MACs of a pattern, sum_l 2 * d_model * width(pattern[l]), with width 0
     (SKIP), d_ff_small (SMALL) or d_ff (BIG): what DuoFFN sows as `macs`. Attention and the
     router are the same for every pattern and left out.
-  * Difficulty of a token: loss under the cheapest pattern of the set minus its oracle loss, the
-    loss reduction that extra compute can buy for it (>= 0, since the cheapest is in the set).
+  * Difficulty of a token (the one definition, here and in the report): its loss under the
+    all-SMALL pattern minus its oracle loss, the loss reduction routing can buy over the small
+    model. All-SMALL, not the cheapest pattern (all SKIP, no FFN at all): the all-SKIP loss
+    mostly measures what the FFNs are worth, not how much a token gains from more compute.
+    It is >= 0 whenever all-SMALL is in the searched set (every budget includes it).
 
 For spaces too large to enumerate (3^12 = 531441 patterns for the paper's 12 layers),
-`greedy_search` adds BIG layers one at a time on the batch mean loss, and `random_patterns` draws
-the "random routing at the same budget" baseline.
+`local_search` runs a per-token local search (every token its own descent, the candidate
+patterns evaluated in batches shared by all tokens), and `random_patterns` draws the "random
+routing at the same budget" baseline.
 """
 import functools
 import itertools
 import math
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +49,8 @@ from layers.mlp import ffn_macs
 MAX_PATTERNS = 100_000
 
 Progress = Optional[Callable[[int, int], None]]
+# patterns int [p, L] -> per-token losses float [p, b, t] (e.g. pattern_token_losses on a batch)
+Evaluate = Callable[[np.ndarray], np.ndarray]
 
 
 def _count_within_budget(num_layers, max_big, max_small, allow_skip):
@@ -71,7 +77,7 @@ def patterns_within_budget(num_layers: int, max_big: int, max_small: Optional[in
     int32 [P, num_layers].
 
   Raises:
-    ValueError: if P > limit (the count is computed before enumerating); use `greedy_search` or
+    ValueError: if P > limit (the count is computed before enumerating); use `local_search` or
       `random_patterns` for such budgets.
   """
   if num_layers < 1 or max_big < 0 or (max_small is not None and max_small < 0):
@@ -81,7 +87,7 @@ def patterns_within_budget(num_layers: int, max_big: int, max_small: Optional[in
   if count > limit:
     raise ValueError(
         f"{count} patterns for num_layers={num_layers}, max_big={max_big}, max_small="
-        f"{max_small}, allow_skip={allow_skip} exceed the limit of {limit}; use greedy_search "
+        f"{max_small}, allow_skip={allow_skip} exceed the limit of {limit}; use local_search "
         f"(or random_patterns) for a space this large, or raise `limit`.")
   if count == 0:
     raise ValueError(f"No pattern fits: without SKIP, {num_layers} layers need "
@@ -158,6 +164,15 @@ def _weighted_mean(losses, weights):
   return (np.asarray(losses, np.float64) * w).sum(axis=(-2, -1)) / max(w.sum(), 1e-12)
 
 
+def all_small_index(patterns) -> int:
+  """Index of the all-SMALL pattern in patterns [P, L] (the difficulty's reference)."""
+  hits = np.flatnonzero((np.asarray(patterns) == SMALL).all(axis=1))
+  if hits.size == 0:
+    raise ValueError("The patterns do not include all-SMALL, the reference of difficulty; add "
+                     "it (every budget's enumeration and local_search include it).")
+  return int(hits[0])
+
+
 def oracle(losses, patterns, weights, macs) -> dict:
   """The best pattern per token and what it says about compute.
 
@@ -165,8 +180,7 @@ def oracle(losses, patterns, weights, macs) -> dict:
     losses: float [P, b, t] from `pattern_token_losses`.
     patterns: int [P, L], the patterns the losses belong to.
     weights: [b, t]; tokens with weight 0 (padding) are left out of means and counts.
-    macs: [P] cost of each pattern, from `pattern_macs`; "cheapest" is argmin macs (the first
-      such pattern on ties).
+    macs: [P] cost of each pattern, from `pattern_macs`.
 
   Returns a dict of numpy arrays:
     best: int [b, t], argmin_p losses[p] (first on ties); oracle_loss: [b, t], its loss;
@@ -174,8 +188,10 @@ def oracle(losses, patterns, weights, macs) -> dict:
     pattern_mean_loss: [P], each pattern's weighted mean loss (the oracle's mean is <= each);
     big_counts: int [L], weighted tokens whose best pattern is BIG at layer l;
     big_fraction: [L], big_counts / number of weighted tokens;
-    cheapest: index of the cheapest pattern; difficulty: [b, t],
-      losses[cheapest] - oracle_loss, the loss reduction available from extra compute;
+    big_layers_by_position: [t], the weighted mean number of BIG layers in the best patterns of
+      the tokens at each sequence position (nan where a position has no weighted token);
+    reference: index of the all-SMALL pattern; difficulty: [b, t], losses[reference] -
+      oracle_loss (the module docstring's definition);
     mean_oracle_macs: sum(w * macs[best]) / sum(w).
   """
   losses = np.asarray(losses, np.float32)
@@ -186,7 +202,10 @@ def oracle(losses, patterns, weights, macs) -> dict:
   counted = weights > 0
   big = (patterns[best] == BIG) & counted[..., None]  # [b, t, L]
   big_counts = big.sum(axis=(0, 1))
-  cheapest = int(np.argmin(np.asarray(macs)))
+  reference = all_small_index(patterns)
+  per_column = weights.sum(axis=0)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    by_position = (big.sum(-1) * weights).sum(axis=0) / per_column
   return {
       "best": best,
       "oracle_loss": oracle_loss,
@@ -194,49 +213,119 @@ def oracle(losses, patterns, weights, macs) -> dict:
       "pattern_mean_loss": _weighted_mean(losses, weights),
       "big_counts": big_counts,
       "big_fraction": big_counts / max(int(counted.sum()), 1),
-      "cheapest": cheapest,
-      "difficulty": losses[cheapest] - oracle_loss,
+      "big_layers_by_position": np.where(per_column > 0, by_position, np.nan),
+      "reference": reference,
+      "difficulty": losses[reference] - oracle_loss,
       "mean_oracle_macs": float(_weighted_mean(np.asarray(macs, np.float64)[best], weights)),
   }
 
 
-def greedy_search(model, params, batch: dict, num_layers: int, max_big: int,
-                  start_route: int = SMALL, chunk: int = 16, progress: Progress = None) -> dict:
-  """Greedy BIG placement on the batch mean loss, for spaces too large to enumerate.
+def neighbours(pattern: Sequence[int], max_big: int, allow_skip: bool = True) -> set:
+  """The patterns one move from `pattern` with <= max_big BIG layers, as tuples.
 
-  Starts from every layer on `start_route`; step k (k = 1..max_big) tries BIG in each layer not
-  yet BIG and keeps the one with the lowest weighted mean loss over the batch's tokens
-  (sum(w * loss) / sum(w), one pattern for the whole batch, not per token). A step always adds a
-  layer, even when no candidate lowers the loss, so the result traces loss against budget.
-  `progress(step, max_big)` is called after each step.
+  A move changes one layer's route, or moves BIG from one layer to another (the vacated layer
+  SMALL, or SKIP if allowed): under a BIG budget that is full, a single change cannot move BIG
+  without first making the loss worse.
+  """
+  pattern = tuple(int(r) for r in pattern)
+  routes = (SKIP, SMALL, BIG) if allow_skip else (SMALL, BIG)
+  num_big = pattern.count(BIG)
+  out = set()
+  for l, route in enumerate(pattern):
+    for r in routes:
+      if r != route and (r != BIG or num_big < max_big):
+        out.add(pattern[:l] + (r,) + pattern[l + 1:])
+  bigs = [l for l, r in enumerate(pattern) if r == BIG]
+  for a in bigs:
+    for b in (l for l, r in enumerate(pattern) if r != BIG):
+      for r in routes[:-1]:
+        q = list(pattern)
+        q[a], q[b] = r, BIG
+        out.add(tuple(q))
+  out.discard(pattern)
+  return out
+
+
+def local_search(evaluate: Evaluate, num_layers: int, weights,
+                 budgets: Optional[Iterable[int]] = None, *, start=None, per_round: int = 64,
+                 max_patterns: int = 2048, allow_skip: bool = True,
+                 progress: Progress = None) -> dict:
+  """Per-token local search for the oracle pattern, for spaces too large to enumerate.
+
+  Every token, for every budget k in `budgets` (at most k BIG layers; default 0..L), descends on
+  its own loss: from its best evaluated pattern within the budget it proposes every pattern one
+  move away (`neighbours`). A round evaluates, in one batch through `evaluate` (vmapped over
+  patterns: pattern_token_losses), the `per_round` proposals backed by the most weighted tokens
+  (ties: lexicographic), and each token then takes its best evaluated pattern. The search stops
+  when no token has an unevaluated neighbour, a local optimum for every token and budget (a
+  global one when losses add over layers: tested), or after `max_patterns` evaluations. The
+  pattern set is shared, so a token whose proposals no other token backs may stop early: the
+  price of batching, measured against the exhaustive oracle on the method page.
+
+  Args:
+    evaluate: patterns int [p, L] -> float [p, b, t], per-token losses under each pattern (the
+      whole sequence routed by it: the module docstring's context convention).
+    weights: [b, t]; tokens of weight 0 do not vote.
+    start: optional int [s, L] patterns evaluated first (with all SMALL, all BIG and, when
+      allowed, all SKIP).
 
   Returns:
-    patterns: int32 [max_big + 1, L], the start and the pattern after each step;
-    losses: float [max_big + 1], their mean losses; order: int [max_big], the layers made BIG.
+    patterns int32 [P, L] (in evaluation order), losses float32 [P, b, t], rounds (int),
+    converged (bool: no proposal left).
   """
-  if not 0 <= max_big <= num_layers:
-    raise ValueError(f"max_big must lie in [0, num_layers={num_layers}]; got {max_big}.")
-  weights = batch["weights"]
-  current = np.full(num_layers, start_route, np.int32)
-  patterns = [current]
-  losses = [_weighted_mean(pattern_token_losses(model, params, batch, current[None], chunk)[0],
-                           weights)]
-  order = []
-  for step in range(max_big):
-    layers = [l for l in range(num_layers) if current[l] != BIG]
-    candidates = np.repeat(current[None], len(layers), axis=0)
-    candidates[np.arange(len(layers)), layers] = BIG
-    means = _weighted_mean(pattern_token_losses(model, params, batch, candidates, chunk),
-                           weights)
-    i = int(np.argmin(means))
-    current = candidates[i]
-    patterns.append(current)
-    losses.append(means[i])
-    order.append(layers[i])
+  budgets = sorted(set(range(num_layers + 1) if budgets is None else budgets))
+  w = np.asarray(weights, np.float64)
+  counted = w > 0
+  seen, patterns, losses = {}, [], []
+  best = {}  # budget -> (value [b, t], index [b, t])
+
+  def add(new):
+    new = [p for p in dict.fromkeys(tuple(int(r) for r in p) for p in new) if p not in seen]
+    if not new:
+      return
+    got = np.asarray(evaluate(np.asarray(new, np.int32)), np.float32)
+    offset = len(patterns)
+    for i, p in enumerate(new):
+      seen[p] = offset + i
+    patterns.extend(new)
+    losses.append(got)
+    num_big = np.asarray([p.count(BIG) for p in new])
+    for k in budgets:
+      sel = np.flatnonzero(num_big <= k)
+      if not sel.size:
+        continue
+      value, index = got[sel].min(axis=0), offset + sel[got[sel].argmin(axis=0)]
+      if k in best:
+        # Strictly better only: the earlier pattern wins ties, like argmin.
+        keep = best[k][0] <= value
+        value, index = np.where(keep, best[k][0], value), np.where(keep, best[k][1], index)
+      best[k] = (value, index)
+
+  anchors = [(SMALL,) * num_layers, (BIG,) * num_layers] + (
+      [(SKIP,) * num_layers] if allow_skip else [])
+  add(anchors + ([] if start is None else [tuple(p) for p in np.asarray(start)]))
+  rounds, converged = 0, False
+  while len(patterns) < max_patterns:
+    votes = {}
+    for k in budgets:
+      if k not in best:
+        continue
+      ids, inverse = np.unique(best[k][1][counted], return_inverse=True)
+      support = np.bincount(inverse, weights=w[counted])
+      for i, v in zip(ids, support):
+        for q in neighbours(patterns[i], k, allow_skip):
+          if q not in seen:
+            votes[q] = votes.get(q, 0.0) + v
+    if not votes:
+      converged = True
+      break
+    room = min(per_round, max_patterns - len(patterns))
+    add(sorted(votes, key=lambda q: (-votes[q], q))[:room])
+    rounds += 1
     if progress is not None:
-      progress(step + 1, max_big)
-  return {"patterns": np.stack(patterns), "losses": np.asarray(losses),
-          "order": np.asarray(order, np.int32)}
+      progress(len(patterns), max_patterns)
+  return {"patterns": np.asarray(patterns, np.int32), "losses": np.concatenate(losses),
+          "rounds": rounds, "converged": converged}
 
 
 def random_patterns(num_layers: int, n: int, max_big: int, rng) -> np.ndarray:

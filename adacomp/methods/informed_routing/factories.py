@@ -11,6 +11,7 @@ their routing attributes bound, because flax linen classes cannot be gin-configu
     routed_ffn.mode = 'informed'          # or 'greedy' (Mixture-of-Depths)
     DecoderConfig.attention_cls = @routed_attention()   # optional: route attention too
     routed_attention.sparsity = %SPARSITY
+    routed_ffn.lora_rank = 8              # the LoRA stage: adapters on the frozen FFN matrices
 """
 import functools
 from typing import Optional
@@ -35,10 +36,12 @@ def routed_ffn(*, sparsity: float = RoutedFFN.sparsity, mode: str = RoutedFFN.mo
                router_hidden: Optional[int] = RoutedFFN.router_hidden,
                distill_weight: float = RoutedFFN.distill_weight,
                recoverability_weight: float = RoutedFFN.recoverability_weight,
+               lora_rank: Optional[int] = RoutedFFN.lora_rank,
                impl: Optional[str] = RoutedFFN.impl):
   """`RoutedFFN` with these attributes bound (see layers/routing.py; the defaults are its own);
-  the block supplies d_ff, activation and the dtypes."""
-  return functools.partial(RoutedFFN, **_routing_kwargs(
+  the block supplies d_ff, activation and the dtypes. `lora_rank` adds LoRA adapters to both
+  FFN matrices (the LoRA stage, configs/informed_routing_lora.gin)."""
+  return functools.partial(RoutedFFN, lora_rank=lora_rank, **_routing_kwargs(
       sparsity, mode, compute, forecaster_rank, router_hidden, distill_weight,
       recoverability_weight, impl))
 

@@ -97,8 +97,8 @@ def test_patterns_within_budget_counts_like_the_formula_and_brute_force():
   assert {tuple(p) for p in got} == brute
 
 
-def test_patterns_within_budget_refuses_huge_spaces_and_points_to_greedy():
-  with pytest.raises(ValueError, match="greedy_search"):
+def test_patterns_within_budget_refuses_huge_spaces_and_points_to_the_local_search():
+  with pytest.raises(ValueError, match="local_search"):
     oracle_lib.patterns_within_budget(12, 12)  # 3^12 = 531441 patterns
   with pytest.raises(ValueError, match="No pattern"):
     oracle_lib.patterns_within_budget(4, 1, max_small=2, allow_skip=False)
@@ -143,11 +143,12 @@ def test_oracle_picks_the_known_best_pattern_from_hand_made_losses():
   assert got["mean_oracle_loss"] == pytest.approx((0.5 + 0.2 + 1.0) / 3)
   np.testing.assert_allclose(got["pattern_mean_loss"],
                              [5.0 / 3, 5.0 / 3, 2.4 / 3, 8.0 / 3], rtol=1e-6)
-  assert np.all(got["mean_oracle_loss"] <= got["pattern_mean_loss"])
   np.testing.assert_array_equal(got["big_counts"], [1, 1])
   np.testing.assert_allclose(got["big_fraction"], [1 / 3, 1 / 3])
-  assert got["cheapest"] == 3  # all SKIP
-  np.testing.assert_allclose(got["difficulty"], [[2.5, 2.8], [1.0, 5.9]], rtol=1e-6)
+  # Position 0: tokens (0, 0) (one BIG layer) and (1, 0) (none); position 1: (0, 1) only.
+  np.testing.assert_allclose(got["big_layers_by_position"], [0.5, 1.0])
+  assert got["reference"] == 0  # all SMALL, the difficulty's reference (not all SKIP)
+  np.testing.assert_allclose(got["difficulty"], [[1.5, 1.8], [0.0, 4.9]], rtol=1e-6)
   assert got["mean_oracle_macs"] == pytest.approx(np.mean([macs[1], macs[2], macs[0]]))
 
 
@@ -161,27 +162,90 @@ def test_oracle_on_a_model_puts_big_in_the_only_useful_layer(model, constructed)
   want_counts = np.zeros(L, int)
   want_counts[USEFUL] = B * T - 1  # every weighted token
   np.testing.assert_array_equal(got["big_counts"], want_counts)
-  assert np.all(got["mean_oracle_loss"] <= got["pattern_mean_loss"])
-  assert np.all(got["difficulty"] >= 0)
+  # Difficulty against an independent forward pass of the all-SMALL route.
+  logits = model.apply({"params": params}, batch["inputs"],
+                       routes=np.full((L, B, T), SMALL, np.int32))
+  small = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+  np.testing.assert_allclose(got["difficulty"], small - got["oracle_loss"], rtol=1e-5, atol=1e-5)
 
 
-def test_greedy_search_makes_the_useful_layer_big_first(model, constructed):
+def _exhaustive_best(patterns, losses, max_big):
+  """Per-token minimum over the patterns with <= max_big BIG layers, by brute force."""
+  ok = (np.asarray(patterns) == BIG).sum(1) <= max_big
+  return np.asarray(losses)[ok].min(axis=0)
+
+
+def test_neighbours_are_one_route_change_or_one_big_move_within_the_budget():
+  for pattern, max_big in (((SKIP, SMALL, BIG, SMALL), 1), ((BIG, SMALL, BIG, SKIP), 3),
+                           ((SMALL,) * 4, 0)):
+    want = set()
+    for q in itertools.product((SKIP, SMALL, BIG), repeat=4):
+      if q.count(BIG) > max_big or q == pattern:
+        continue
+      changed = [l for l in range(4) if q[l] != pattern[l]]
+      moved = (len(changed) == 2 and sorted([pattern[l] == BIG for l in changed]) == [False, True]
+               and sorted([q[l] == BIG for l in changed]) == [False, True])
+      if len(changed) == 1 or moved:
+        want.add(q)
+    assert oracle_lib.neighbours(pattern, max_big) == want, pattern
+
+
+def test_local_search_finds_the_exhaustive_oracle_when_losses_add_over_layers():
+  """Loss = sum over layers of a per-token cost of the layer's route: the optimum under a BIG
+  budget k is BIG where it gains most. BIG gains a lot everywhere and each search starts with
+  BIG in the first k layers, so a token whose best layers lie elsewhere must move BIG there."""
+  num_layers, b, t = 5, 3, 4
+  cost = np.random.default_rng(0).normal(size=(num_layers, 3, b, t))
+  cost[:, BIG] -= 10.0
+  evaluate = lambda pats: np.stack([sum(cost[l, p[l]] for l in range(num_layers)) for p in pats])
+  everything = oracle_lib.patterns_within_budget(num_layers, num_layers)
+  table = evaluate(everything)
+  for k in range(num_layers + 1):
+    start = np.full((1, num_layers), SMALL, np.int32)
+    start[0, :k] = BIG
+    got = oracle_lib.local_search(evaluate, num_layers, np.ones((b, t)), budgets=[k],
+                                  start=start, per_round=10_000, max_patterns=10_000)
+    assert got["converged"]
+    np.testing.assert_allclose(_exhaustive_best(got["patterns"], got["losses"], k),
+                               _exhaustive_best(everything, table, k), err_msg=f"budget {k}")
+    assert len(got["patterns"]) < len(everything)  # it did not just enumerate
+
+
+def test_local_search_on_a_model_finds_the_exhaustive_oracle(model, constructed):
   params, batch = constructed
-  steps = []
-  got = oracle_lib.greedy_search(model, params, batch, L, 2,
-                                 progress=lambda step, total: steps.append(step))
-  assert got["order"][0] == USEFUL
-  np.testing.assert_array_equal(got["patterns"][0], [SMALL] * L)
-  want = np.full(L, SMALL)
-  want[USEFUL] = BIG
-  np.testing.assert_array_equal(got["patterns"][1], want)
-  assert (got["patterns"][2] == BIG).sum() == 2 and got["patterns"][2][USEFUL] == BIG
-  assert got["losses"][1] < got["losses"][0] - 1.0
-  assert steps == [1, 2]
-  # The losses are the batch means of the chosen patterns.
-  direct = oracle_lib.pattern_token_losses(model, params, batch, got["patterns"])
-  w = batch["weights"]
-  np.testing.assert_allclose(got["losses"], (direct * w).sum((1, 2)) / w.sum(), rtol=1e-5)
+  evaluate = lambda pats: oracle_lib.pattern_token_losses(model, params, batch, pats, chunk=9)
+  got = oracle_lib.local_search(evaluate, L, batch["weights"], per_round=9, max_patterns=27)
+  everything = oracle_lib.patterns_within_budget(L, L)
+  table = oracle_lib.pattern_token_losses(model, params, batch, everything, chunk=9)
+  for k in range(L + 1):
+    np.testing.assert_allclose(_exhaustive_best(got["patterns"], got["losses"], k),
+                               _exhaustive_best(everything, table, k), rtol=1e-6, atol=1e-6)
+  best = oracle_lib.oracle(got["losses"], got["patterns"], batch["weights"],
+                           oracle_lib.pattern_macs(got["patterns"], D, F, F_SMALL))["best"]
+  assert np.all(got["patterns"][best][..., USEFUL] == BIG)
+
+
+def test_local_search_evaluates_batches_of_new_patterns_up_to_its_cap():
+  num_layers, b, t = 6, 2, 3
+  cost = np.random.default_rng(1).normal(size=(num_layers, 3, b, t))
+  calls = []
+
+  def evaluate(pats):
+    calls.append(len(pats))
+    return np.stack([sum(cost[l, p[l]] for l in range(num_layers)) for p in pats])
+
+  start = np.array([[BIG, SKIP, SMALL, SMALL, BIG, SKIP]], np.int32)
+  got = oracle_lib.local_search(evaluate, num_layers, np.ones((b, t)), budgets=[2],
+                                start=start, per_round=10, max_patterns=45)
+  assert len(got["patterns"]) == sum(calls) == 45 and not got["converged"]
+  assert calls[0] == 4 and all(n <= 10 for n in calls[1:])  # 3 anchors + the start
+  assert len({tuple(p) for p in got["patterns"]}) == 45
+  np.testing.assert_array_equal(got["patterns"][:4], [[SMALL] * 6, [BIG] * 6, [SKIP] * 6,
+                                                      start[0]])
+  for p, loss in zip(got["patterns"], got["losses"]):
+    np.testing.assert_allclose(loss, evaluate(p[None])[0])
+  # Only budget 2 was searched: no proposal beyond 2 BIG layers (the anchors aside).
+  assert np.all((got["patterns"][4:] == BIG).sum(1) <= 2)
 
 
 def test_random_patterns_respect_the_budget_and_repeat_per_seed():

@@ -1,5 +1,6 @@
 """Informed routing's staged training end to end, with the real configs on a tiny model:
-dense -> forecaster distillation -> router; the greedy (MoD) baseline from the same dense run."""
+dense -> forecaster distillation -> router -> LoRA; the greedy (MoD) baseline from the same
+dense run."""
 import json
 import os
 
@@ -52,6 +53,9 @@ def _staged_runs(corpus, tmp_path_factory):
                     f"train.init_checkpoint = '{root / 'dense'}'", "train.log_every = 1")
   out["router"] = _run(corpus, root / "router", ["configs/informed_routing.gin"],
                        f"train.init_checkpoint = '{root / 'lff'}'", "SPARSITY = 0.5")
+  out["lora"] = _run(corpus, root / "lora", ["configs/informed_routing_lora.gin"],
+                     f"train.init_checkpoint = '{root / 'router'}'", "SPARSITY = 0.5",
+                     "LORA_RANK = 2")
   out["mod"] = _run(corpus, root / "mod", ["configs/mod.gin"],
                     f"train.init_checkpoint = '{root / 'dense'}'", "SPARSITY = 0.5")
   return out
@@ -93,3 +97,16 @@ def test_greedy_baseline_fine_tunes_everything_and_skips_half_the_ffn(runs):
   ffn_part = 0.5 * 2 * D * F + (D * H + H)
   expected = runs["dense"]["macs_per_token"] - L * 2 * D * F + L * ffn_part
   assert runs["mod"]["macs_per_token"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_lora_stage_trains_only_the_adapters_and_pays_them_on_executed_tokens(runs):
+  root = runs["root"]
+  router, lora = _params(root / "router"), _params(root / "lora")
+  assert set(lora) - set(router) == {f"blocks/ffn/{m}/{w}" for m in ("lora_wi", "lora_wo")
+                                     for w in ("a", "b")}
+  assert not _moved(router, lora)  # base, forecasters and routers as the router stage left them
+  assert np.any(lora["blocks/ffn/lora_wi/b"]) and np.any(lora["blocks/ffn/lora_wo/b"])
+  # Half the tokens execute, and those pay both rank-2 adapters: r (D + F) + r (F + D).
+  adapters = 2 * (D + F) + 2 * (F + D)
+  assert runs["lora"]["macs_per_token"] == pytest.approx(
+      runs["router"]["macs_per_token"] + L * 0.5 * adapters, rel=1e-6)
