@@ -13,7 +13,6 @@ deleted to recover: a skipped step is moved to `<workdir>/damaged_checkpoints/`.
 One writer per workdir: `WorkdirLock` (host, pid, start time in `<workdir>/train.lock`).
 """
 import datetime
-import errno
 import hashlib
 import json
 import os

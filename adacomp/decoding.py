@@ -11,12 +11,14 @@ Prompts in a batch share one length (batch-uniform positions are what SkipDecode
 """
 import dataclasses
 import functools
+import time
 from typing import NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adacomp import scoring
 from adacomp.models.decoder import DecoderConfig, block_kwargs, final_norm_kind, parse_dtype
 from layers.block import DecoderBlock
 from layers.embedding import Embed
@@ -261,8 +263,6 @@ def generate_rows(model, params, tokenizer, prompts, schedule_fn, key, *, max_ne
   tokens over the compiled call's time, compile excluded), `compile_s`, `schedule` and
   `prompt_width` (the longest prompt, BOS included).
   """
-  import time  # pylint: disable=g-import-not-at-top
-  from adacomp import scoring  # pylint: disable=g-import-not-at-top
   encoded = [np.concatenate([[tokenizer.bos_id], tokenizer.encode(p)]).astype(np.int32)
              for p in prompts]
   lens = np.asarray([len(e) for e in encoded], np.int32)

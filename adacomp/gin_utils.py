@@ -109,8 +109,9 @@ def _configs_reader() -> None:
 
 
 def available_configs() -> list:
-  """Every gin file under configs/, relative to the repository root."""
-  return sorted(os.path.relpath(os.path.join(d, f), REPO_ROOT)
+  """Every gin file under configs/, spelt as --gin_file takes it ('configs/duo.gin'), also for
+  an installed package's copy."""
+  return sorted(os.path.join("configs", os.path.relpath(os.path.join(d, f), CONFIGS_DIR))
                 for d, _, files in os.walk(CONFIGS_DIR) for f in files if f.endswith(".gin"))
 
 

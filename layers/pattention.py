@@ -37,7 +37,6 @@ import math
 from typing import Optional
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 from jax.typing import DTypeLike
 

@@ -17,7 +17,6 @@ The full disk is a real 1 MB-headroom tmpfs when the script may mount one (root)
 monkeypatched write raising OSError(ENOSPC); the table says which. Needs a few minutes on 2
 cores. See docs/reliability.md.
 """
-import errno
 import hashlib
 import json
 import os

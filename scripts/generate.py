@@ -10,7 +10,6 @@ prompt, continuation, ids and logprobs of the generated tokens, macs_per_token, 
 Models whose routing is not causal (informed routing, Mixture-of-Depths) are refused.
 """
 import json
-import time
 
 from absl import flags
 

@@ -7,7 +7,7 @@ import gin
 import pytest
 
 from adacomp import checkpointing, gin_utils, training
-from tests.corpus import REPO, TINY_GIN, configure, write_corpus
+from tests.corpus import REPO, TINY_GIN, configure
 
 
 def _train(corpus, workdir, *bindings):

@@ -176,7 +176,7 @@ def test_second_writer_is_refused_naming_the_holder_and_a_stale_lock_is_taken_ov
   # The holder is gone now: its lock is stale and the next writer takes it over.
   with checkpointing.WorkdirLock(run_copy) as lock:
     assert json.loads(lock.path.read_text())["pid"] == os.getpid()
-  assert f"taking over the stale lock" in capsys.readouterr().out
+  assert "taking over the stale lock" in capsys.readouterr().out
   assert not (run_copy / checkpointing.LOCK_FILE).exists()
 
 
