@@ -2,7 +2,7 @@ r"""Routed-compute kernels against the XLA reference and the dense equivalent (a
 
   python scripts/bench_kernels.py            # every op, several sizes
   python scripts/bench_kernels.py --quick    # one small size per op, few repeats
-  python scripts/bench_kernels.py --ops=routed_ffn,varlen_attention --repeats=50 --json=out.json
+  python scripts/bench_kernels.py --ops=routed_ffn,pattention --repeats=50 --json=out.json
 
 For each op and size it times three jitted functions: the dispatcher's choice (impl="auto": the
 Pallas kernel on TPU/GPU, the XLA reference on CPU), the XLA reference (impl="xla") and the
@@ -126,43 +126,22 @@ def pattention_case(t, d, n, dtype, key) -> List[Case]:
                useful)]
 
 
-def varlen_case(b, t, h, d, keep, dtype, key) -> List[Case]:
-  """Pruned tokens: per-example lengths drawn uniformly in [keep/2, keep * 3/2] of t."""
-  k = jax.random.split(key, 4)
-  q, kk, v = (jax.random.normal(k[i], (b, t, h, d), dtype) for i in range(3))
-  lengths = jax.random.randint(k[3], (b,), int(t * keep / 2), int(t * keep * 1.5) + 1)
-  lengths = jnp.minimum(lengths, t).astype(jnp.int32)
-
-  def op(impl):
-    return lambda q, k, v: pallas_kernels.varlen_attention(q, k, v, lengths, impl=impl)
-
-  useful = 4.0 * h * d * float(jnp.sum(lengths.astype(jnp.float32) ** 2))
-  dense = 4.0 * h * d * b * t * t
-  return [Case("varlen_attention", f"b={b} t={t} h={h} d={d} keep~{keep}", (q, kk, v),
-               {"auto": op("auto"), "xla": op("xla"),
-                "dense": lambda q, k, v: jax.nn.dot_product_attention(q, k, v)},
-               useful, {"auto": _auto_executed(dense, useful), "xla": dense, "dense": dense},
-               dense)]
-
-
 SIZES = {
     "quick": {
         "routed_ffn": [(1024, 256, 1024, (0.5, 0.25, 0.25))],
         "gather_matmul": [(2048, 512, 512, 0.25)],
         "pattention": [(1024, 256, 1024)],
-        "varlen_attention": [(4, 512, 4, 64, 0.5)],
     },
     "full": {
         "routed_ffn": [(2048, 512, 2048, (0.5, 0.25, 0.25)), (2048, 512, 2048, (0.0, 0.0, 1.0)),
                        (4096, 512, 2048, (0.25, 0.5, 0.25))],
         "gather_matmul": [(4096, 1024, 1024, 0.125), (4096, 1024, 1024, 0.5)],
         "pattention": [(2048, 512, 512), (2048, 512, 2048)],
-        "varlen_attention": [(8, 1024, 8, 64, 0.5), (8, 1024, 8, 64, 0.25)],
     },
 }
 # Each case is built by its own call so that its closures capture its own routing.
 BUILDERS = {"routed_ffn": routed_ffn_case, "gather_matmul": gather_case,
-            "pattention": pattention_case, "varlen_attention": varlen_case}
+            "pattention": pattention_case}
 
 
 def median_ms(fn: Callable, args: Sequence, warmup: int, repeats: int) -> float:

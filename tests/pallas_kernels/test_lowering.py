@@ -43,12 +43,6 @@ OPS = {
                     lambda dt: (S((200, 256), dt), S((200,), I32), S((512, 256), dt))),
     "pattention": (lambda impl: lambda *a: pallas_kernels.pattention(*a, impl=impl),
                    lambda dt: (S((512, 256), dt), S((1024, 256), dt), S((1024, 384), dt))),
-    "varlen_attention": (
-        lambda impl: lambda *a: pallas_kernels.varlen_attention(*a, impl=impl),
-        lambda dt: (S((2, 256, 4, 64), dt),) * 3 + (S((2,), I32),)),
-    "varlen_attention_causal": (
-        lambda impl: lambda *a: pallas_kernels.varlen_attention(*a, causal=True, impl=impl),
-        lambda dt: (S((2, 256, 4, 64), dt),) * 3 + (S((2,), I32),)),
 }
 
 
@@ -66,8 +60,6 @@ UNALIGNED = {
     "scatter_add": lambda dt: (S((77, 200), dt), S((77,), I32), S((300, 200), dt)),
     "scatter_set": lambda dt: (S((77, 200), dt), S((77,), I32), S((300, 200), dt)),
     "pattention": lambda dt: (S((300, 200), dt), S((700, 200), dt), S((700, 330), dt)),
-    "varlen_attention": lambda dt: (S((3, 200, 2, 64), dt),) * 3 + (S((3,), I32),),
-    "varlen_attention_causal": lambda dt: (S((3, 200, 2, 64), dt),) * 3 + (S((3,), I32),),
 }
 
 
