@@ -56,10 +56,15 @@ class Split:
     return self.mesh.shape[self.tensor] if self.tensor else 1
 
 
-def _free_axes(mesh) -> dict:
-  """Axes of size > 1 the op may make manual (those not manual already)."""
+def _auto_axes(mesh) -> dict:
+  """The axes the op may make manual (those not manual already), with their sizes."""
   manual = set(getattr(mesh, "manual_axes", ()))
-  return {a: s for a, s in mesh.shape.items() if s > 1 and a not in manual}
+  return {a: s for a, s in mesh.shape.items() if a not in manual}
+
+
+def _free_axes(mesh) -> dict:
+  """The axes of size > 1 among them: the ones that split anything."""
+  return {a: s for a, s in _auto_axes(mesh).items() if s > 1}
 
 
 def split_for(row_counts, tensor_dim: Optional[int] = None) -> Optional[Split]:
@@ -100,10 +105,11 @@ def local_rows(split: Split, idx: jax.Array, rows_per_shard: int) -> jax.Array:
 
 
 def shard(body: Callable, split: Split, in_specs, out_specs) -> Callable:
-  """`body` per shard under `split.mesh`: every free axis manual, replicated where a spec
-  does not name it. check_vma stays on, so autodiff through the psums is exact."""
+  """`body` per shard under `split.mesh`: every axis not manual already becomes manual (size-one
+  axes too: the kernel interpreters' callbacks need a fully manual region), replicated where a
+  spec does not name it. check_vma stays on, so autodiff through the psums is exact."""
   return jax.shard_map(body, mesh=split.mesh, in_specs=in_specs, out_specs=out_specs,
-                       axis_names=frozenset(_free_axes(split.mesh)))
+                       axis_names=frozenset(_auto_axes(split.mesh)))
 
 
 __all__ = ["BATCH_AXES", "TENSOR_AXIS", "Split", "split_for", "shard_index", "local_rows",
