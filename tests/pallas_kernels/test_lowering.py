@@ -5,6 +5,8 @@ which rejects illegal block shapes, layouts, dtypes and unsupported primitives, 
 kernel in the module as a `tpu_custom_call` or a `__gpu$xla.gpu.triton` custom call. Compiling
 that custom call (libtpu / ptxas) needs the hardware and is not checked here.
 """
+import re
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -101,3 +103,21 @@ def test_routed_ffn_backward_runs_grouped_matmul_kernels_not_xla_dots(platform):
   module = _module("routed_ffn_grad", "pallas", platform, jnp.bfloat16)
   assert "routed_gmm" in module and "routed_tgmm" in module
   assert "stablehlo.dot_general" not in module
+
+
+@pytest.mark.parametrize("op", sorted(op for op in OPS if not op.startswith("routed_ffn")))
+def test_every_tpu_kernel_gives_xla_a_cost_estimate(op):
+  module = _module(op, "pallas", "tpu", jnp.bfloat16)
+  calls = module.count("stablehlo.custom_call @tpu_custom_call")
+  assert calls and module.count(r"\22cost_estimate\22") == calls
+  assert re.search(r"flops\\22:[1-9]", module) or op.startswith("scatter_set")
+
+
+def test_pattention_at_d_4096_in_bf16_lowers_with_a_vmem_limit_above_its_blocks():
+  args = (S((8192, 4096), jnp.bfloat16), S((4096, 4096), jnp.bfloat16),
+          S((4096, 4096), jnp.bfloat16))
+  module = export.export(jax.jit(lambda *a: pallas_kernels.pattention(*a, impl="pallas")),
+                         platforms=["tpu"])(*args).mlir_module()
+  limit = int(re.search(r"scoped_memory_configs\\22: \[\{\\22memory_space\\22:1, \\22offset\\22:"
+                        r" 0, \\22size\\22: (\d+)", module).group(1))
+  assert 16 * 2 ** 20 <= limit <= 48 * 2 ** 20
