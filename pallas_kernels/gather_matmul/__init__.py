@@ -89,18 +89,18 @@ def _kernel_ops(backend, interpret: bool, gather_blocks: tuple, scatter_blocks: 
     return dy, None, dout
 
   scatter_op.defvjp(scatter_fwd, scatter_bwd)
-  return gather_op, scatter_op
+  return {"gather_matmul": gather_op, "scatter": scatter_op}
 
 
 def _kernels(blocks_tpu, blocks_gpu, scatter_tpu, scatter_gpu):
-  """(tpu, gpu) callables for _dispatch: (which, *args, interpret) -> result."""
-  def tpu_fn(which, *args, interpret):
+  """(tpu, gpu) callables for _dispatch: (op name, *args, interpret) -> result."""
+  def tpu_fn(op, *args, interpret):
     return _kernel_ops(tpu, interpret, tuple(sorted(blocks_tpu.items())),
-                       tuple(sorted(scatter_tpu.items())))[which](*args)
+                       tuple(sorted(scatter_tpu.items())))[op](*args)
 
-  def gpu_fn(which, *args, interpret):
+  def gpu_fn(op, *args, interpret):
     return _kernel_ops(gpu, interpret, tuple(sorted(blocks_gpu.items())),
-                       tuple(sorted(scatter_gpu.items())))[which](*args)
+                       tuple(sorted(scatter_gpu.items())))[op](*args)
   return tpu_fn, gpu_fn
 
 
@@ -127,8 +127,8 @@ def gather_matmul(x: jax.Array, idx: jax.Array, w: jax.Array, *, impl: Optional[
     x, idx, w = _common.match_varying(x, idx, w)
     return _dispatch.dispatch(
         impl, x, idx, w, reference=reference.gather_matmul,
-        tpu=lambda *a, interpret: tpu_fn(0, *a, interpret=interpret),
-        gpu=lambda *a, interpret: gpu_fn(0, *a, interpret=interpret))
+        tpu=lambda *a, interpret: tpu_fn("gather_matmul", *a, interpret=interpret),
+        gpu=lambda *a, interpret: gpu_fn("gather_matmul", *a, interpret=interpret))
 
   split = None if impl == "xla" else _partition.split_for(
       (x.shape[0], idx.shape[0]), tensor_dim=w.shape[1])
@@ -162,8 +162,8 @@ def scatter(y: jax.Array, idx: jax.Array, out: jax.Array, *, mode: str = "add",
     y, idx, out = _common.match_varying(y, idx, out)
     return _dispatch.dispatch(
         impl, y, idx, out, reference=functools.partial(reference.scatter, mode=mode),
-        tpu=lambda *a, interpret: tpu_fn(1, *a, mode, interpret=interpret),
-        gpu=lambda *a, interpret: gpu_fn(1, *a, mode, interpret=interpret))
+        tpu=lambda *a, interpret: tpu_fn("scatter", *a, mode, interpret=interpret),
+        gpu=lambda *a, interpret: gpu_fn("scatter", *a, mode, interpret=interpret))
 
   split = None if impl == "xla" else _partition.split_for((out.shape[0], idx.shape[0]))
   if split is None:

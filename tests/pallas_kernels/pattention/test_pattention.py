@@ -120,13 +120,16 @@ def test_leading_dims_are_flattened_into_tokens():
   util.assert_matches(batched[1], reference.pattention(-x, k_p, v_p, tau=math.sqrt(N)))
 
 
+@pytest.mark.skipif("interpret" not in util.INTERPRETERS and jax.default_backend() != "tpu",
+                    reason="runs the TPU kernel: interpreted, or compiled on a TPU")
 def test_tpu_kernel_without_the_score_cache_recomputes_the_scores_and_agrees(monkeypatch):
   from pallas_kernels.pattention import tpu  # pylint: disable=g-import-not-at-top
+  impl = "interpret" if "interpret" in util.INTERPRETERS else "pallas"
   x, k_p, v_p = _inputs()
   assert tpu._blocks(T, N, D_IN, D_OUT, jnp.float32, 16, 128)[2]  # cached by default here
   monkeypatch.setattr(tpu, "CACHE_BYTES", 0)
   assert not tpu._blocks(T, N, D_IN, D_OUT, jnp.float32, 16, 128)[2]
-  out = util.jit_call(pallas_kernels.pattention, x, k_p, v_p, impl="interpret", **BLOCKS)
+  out = util.jit_call(pallas_kernels.pattention, x, k_p, v_p, impl=impl, **BLOCKS)
   util.assert_matches(out, util.jit_call(pallas_kernels.pattention, x, k_p, v_p, impl="xla"))
 
 
