@@ -5,7 +5,9 @@ the same initial parameters and batches, and reports both losses and how params 
 With the argument `tokenformer`: configs/tokenformer.gin (made small) with its Pattention
 kernels in Mosaic's interpreter (configure_kernels.impl = 'interpret'), on one device and on a
 (data 2, fsdp 2, tensor 2) mesh, where each Pattention runs per shard with its parameter tokens
-split over tensor.
+split over tensor. With `informed_gather`: configs/informed_routing.gin (small) with
+`routed_ffn.compute = 'gather'`, its gather_matmul / scatter kernels interpreted, on the same two
+meshes (rows and their per-row indices split over data and fsdp).
 """
 import json
 import os
@@ -33,10 +35,16 @@ def small_decoder():
                                                num_heads=4, head_dim=16, d_ff=128, max_len=32))
 
 
-def tokenformer():
+INFORMED_GATHER_SMALL = ("DecoderConfig.num_layers = 2", "DecoderConfig.d_model = 32",
+                         "DecoderConfig.num_heads = 2", "DecoderConfig.head_dim = 16",
+                         "DecoderConfig.d_ff = 64", "DecoderConfig.vocab_size = 64",
+                         "routed_ffn.compute = 'gather'", "configure_kernels.impl = 'interpret'")
+
+
+def from_gin(gin_file, bindings):
   from adacomp import gin_utils, kernels  # pylint: disable=g-import-not-at-top
   from adacomp.methods import registry  # pylint: disable=g-import-not-at-top,unused-import
-  gin_utils.parse([os.path.join(gin_utils.CONFIGS_DIR, "tokenformer.gin")], TOKENFORMER_SMALL)
+  gin_utils.parse([os.path.join(gin_utils.CONFIGS_DIR, gin_file)], bindings)
   assert kernels.configure_kernels() == "interpret"
   return build.build_decoder(64)
 
@@ -69,7 +77,10 @@ def main():
   devices = jax.devices()
   assert len(devices) == 8, devices
   if sys.argv[1:] == ["tokenformer"]:
-    model, axes = tokenformer(), dict(data=2, fsdp=2, tensor=2)
+    model, axes = from_gin("tokenformer.gin", TOKENFORMER_SMALL), dict(data=2, fsdp=2, tensor=2)
+  elif sys.argv[1:] == ["informed_gather"]:
+    model = from_gin("informed_routing.gin", INFORMED_GATHER_SMALL)
+    axes = dict(data=2, fsdp=2, tensor=2)
   else:
     model, axes = small_decoder(), dict(data=2, fsdp=4, tensor=1)
   one, _ = run(sharding.make_mesh(data=1, fsdp=1, tensor=1, devices=devices[:1]), model)
