@@ -105,9 +105,6 @@ def cost(flops, bytes_accessed, transcendentals=0):
                          bytes_accessed=int(bytes_accessed))
 
 
-def nbytes(*arrays) -> int:
-  return sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in arrays)
-
 
 def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
   if name not in ACTIVATIONS:

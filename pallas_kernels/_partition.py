@@ -47,14 +47,6 @@ class Split:
     """The PartitionSpec entry of a row dimension."""
     return self.rows or None
 
-  @property
-  def row_shards(self) -> int:
-    return math.prod(self.mesh.shape[a] for a in self.rows)
-
-  @property
-  def tensor_shards(self) -> int:
-    return self.mesh.shape[self.tensor] if self.tensor else 1
-
 
 def _auto_axes(mesh) -> dict:
   """The axes the op may make manual (those not manual already), with their sizes."""

@@ -3,10 +3,16 @@ import os
 import subprocess
 import sys
 
+import flax.linen as nn
+import gin
 import jax
+import jax.numpy as jnp
 import pytest
+from jax import export
+from jax.sharding import AbstractMesh, AxisType, NamedSharding
 
-from adacomp import sharding
+from adacomp import gin_utils, kernels, sharding, training
+from adacomp.models import build
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -61,15 +67,6 @@ TOKENFORMER_SMALL = SMALL + ("tokenformer_attention.n_qkv = 64", "tokenformer_at
 def _exported_train_step(gin_file, bindings, platform="tpu"):
   """The train step of `gin_file` exported for `platform` on an abstract (data 2, fsdp 1,
   tensor 2) mesh, with the train state and the batch sharded as training shards them."""
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  import gin  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from jax import export  # pylint: disable=g-import-not-at-top
-  from jax.sharding import AbstractMesh, AxisType, NamedSharding  # pylint: disable=g-import-not-at-top
-  from adacomp import gin_utils, kernels, training  # pylint: disable=g-import-not-at-top
-  from adacomp.methods import registry  # pylint: disable=g-import-not-at-top,unused-import
-  from adacomp.models import build  # pylint: disable=g-import-not-at-top
-
   gin.clear_config()
   try:
     gin_utils.parse([os.path.join(gin_utils.CONFIGS_DIR, gin_file)], bindings)
