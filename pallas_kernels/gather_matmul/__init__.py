@@ -15,9 +15,8 @@ result of the kernels is unspecified. w is cast to x.dtype and y to out.dtype; f
 
 Gradients (custom VJP; each op's backward runs the other's kernel, its transpose):
   gather_matmul  dx = scatter "set" of g w^T into zeros [m, d] (the scatter kernel; g w^T is a
-                 dense XLA matmul), dw = x[idx]^T g in XLA (a gather and a matmul: a fused
-                 gather-transpose-matmul kernel would save one k x d round trip to HBM; not
-                 written).
+                 dense XLA matmul), dw = x[idx]^T g (the gather_tmatmul kernel: the rows are
+                 fetched inside it, so the backward never materialises x[idx] either).
   scatter        dy = g[idx] (the gather_rows kernel), dout = g ("add") or g with the rows idx
                  zeroed ("set": the scatter kernel writing zeros).
 
@@ -70,8 +69,7 @@ def _kernel_ops(backend, interpret: bool, gather_blocks: tuple, scatter_blocks: 
     x, idx, w = res
     gx = jnp.dot(g, w.T, preferred_element_type=jnp.float32).astype(x.dtype)
     dx = scatter_fwd_kernel(gx, idx, jnp.zeros_like(x), "set")
-    dw = jnp.dot(jnp.take(x, idx, axis=0, mode="clip").T, g,
-                 preferred_element_type=jnp.float32).astype(w.dtype)
+    dw = backend.gather_tmatmul(x, idx, g, interpret=interpret).astype(w.dtype)
     return dx, None, dw
 
   gather_op.defvjp(gather_fwd, gather_bwd)

@@ -7,6 +7,10 @@ computed from the indices (a gather in registers, never a copy in HBM) and multi
 matching block of w. Blocks, warps and stages per shape from `_common.triton_tiles` (None);
 loads and stores are masked.
 
+gather_tmatmul: x[idx]^T g [d, n], gather_matmul's dw. One program per (block_d, block_n) output
+tile, looping over idx in block_rows chunks: rows loaded through pointers, transposed into the
+dot (tiles per `_common.triton_tiles`, k as the depth).
+
 gather_rows: out[i] = x[idx[i]], one program per (block_rows, block_n) tile (scatter "set"'s
 transpose: its backward for y).
 
@@ -74,6 +78,49 @@ def gather_matmul(x, idx, w, *, block_rows=None, block_n=None, block_d=None, int
       cost_estimate=_common.cost(2 * k * d * n, itemsize * (k * d + d * n + k * n) + 4 * k),
       interpret=interpret,
       name="gather_matmul")(idx, x, w)
+
+
+def gather_tmatmul(x, idx, g, *, block_rows=None, block_d=None, block_n=None, interpret=False):
+  """x[idx]^T @ g: x [m, d], idx [k], g [k, n] -> [d, n] in x.dtype (gather_matmul's dw)."""
+  m, d = x.shape
+  k, n = g.shape
+  bd, bn, bm, params = _common.triton_tiles(d, n, k)  # rows of the output are d; depth is k
+  bm = _common.gpu_block(k, block_rows) if block_rows else bm
+  bd = _common.gpu_block(d, block_d) if block_d else bd
+  bn = _common.gpu_block(n, block_n) if block_n else bn
+  idx = jnp.clip(idx.astype(jnp.int32), 0, m - 1)
+  idx, x, g = _common.match_varying(idx, x, g.astype(x.dtype))
+
+  def kernel(idx_ref, x_ref, g_ref, out_ref):
+    di, j = pl.program_id(0), pl.program_id(1)
+    cols_d = di * bd + jnp.arange(bd)
+    cols_n = j * bn + jnp.arange(bn)
+    d_ok, n_ok = cols_d < d, cols_n < n
+
+    def one_chunk(c, acc):
+      row_ok = c * bm + jnp.arange(bm) < k
+      rows = pltriton.load(idx_ref.at[pl.ds(c * bm, bm)], mask=row_ok, other=0)
+      xs = pltriton.load(x_ref.at[rows[:, None], cols_d[None, :]],
+                         mask=row_ok[:, None] & d_ok[None, :], other=0)
+      gs = pltriton.load(g_ref.at[pl.ds(c * bm, bm), pl.ds(j * bn, bn)],
+                         mask=row_ok[:, None] & n_ok[None, :], other=0)
+      return acc + pltriton.dot(xs, gs, trans_a=True)
+
+    acc = jax.lax.fori_loop(0, _common.cdiv(k, bm), one_chunk, jnp.zeros((bd, bn), jnp.float32))
+    pltriton.store(out_ref.at[pl.ds(di * bd, bd), pl.ds(j * bn, bn)], acc.astype(out_ref.dtype),
+                   mask=d_ok[:, None] & n_ok[None, :])
+
+  itemsize = jnp.dtype(x.dtype).itemsize
+  return pl.pallas_call(
+      kernel,
+      out_shape=_common.out_struct((d, n), x.dtype, x),
+      grid=(_common.cdiv(d, bd), _common.cdiv(n, bn)),
+      in_specs=[_ANY] * 3,
+      out_specs=_ANY,
+      compiler_params=params,
+      cost_estimate=_common.cost(2 * k * d * n, itemsize * (k * d + k * n + d * n) + 4 * k),
+      interpret=interpret,
+      name="gather_tmatmul")(idx, x, g)
 
 
 def gather_rows(x, idx, *, block_rows=None, block_n=None, interpret=False):

@@ -13,6 +13,11 @@ blocks in bf16 fit the 16 MiB default scoped VMEM of v5e up to d ~ 12k). Default
 done (untimed, no TPU was available): prefetching the next row block's rows during this block's
 last column block, which would hide the first chunk's DMA too.
 
+gather_tmatmul: x[idx]^T g [d, n], gather_matmul's dw. Grid (d blocks, n blocks, row blocks of
+idx): each step DMAs its rows' d-slice (block_d, a multiple of 128 dividing d, or the whole d)
+into VMEM, masks the rows past k, and accumulates rows^T g_blk into an f32 [block_d, block_n]
+scratch. Rows are fetched once per column block of n (n / block_n times; defaults 128 x 256 x 256).
+
 gather_rows: out[i] = x[idx[i]], one grid step per row block, each row DMAd from HBM straight into
 the output block (the transpose of scatter "set"; its backward for y).
 
@@ -110,6 +115,72 @@ def gather_matmul(x, idx, w, *, block_rows=128, block_n=256, interpret=False):
                                  itemsize * (k * d + row_blocks * d * n + k * n) + 4 * k),
       interpret=_interpret(interpret),
       name="gather_matmul")(idx, x, w)
+
+
+def _divisor_block(size: int, block: int, align: int) -> int:
+  """The largest multiple of `align` <= block dividing size, else the whole size (a block DMAd
+  from a row slice must not run past the row)."""
+  if size <= block:
+    return size
+  return next((b for b in range(block // align * align, 0, -align) if size % b == 0), size)
+
+
+def gather_tmatmul(x, idx, g, *, block_rows=128, block_d=256, block_n=256, interpret=False):
+  """x[idx]^T @ g: x [m, d], idx [k], g [k, n] -> [d, n] in x.dtype (gather_matmul's dw)."""
+  m, d = x.shape
+  k, n = g.shape
+  align = _common.sublane_align(x.dtype)
+  tm = _common.tpu_block(k, block_rows, align)
+  td = _divisor_block(d, block_d, 128)
+  tn = _common.tpu_block(n, block_n, 128)
+  k_blocks = _common.cdiv(k, tm)
+  idx = jnp.clip(idx.astype(jnp.int32), 0, m - 1)
+  idx, x, g = _common.match_varying(idx, x, g.astype(x.dtype))
+
+  def kernel(idx_ref, x_hbm, g_ref, out_ref, rows_ref, acc_ref, sem):
+    di, kb = pl.program_id(0), pl.program_id(2)
+    valid = lambda r: kb * tm + r < k
+    copy = lambda r: pltpu.make_async_copy(
+        x_hbm.at[pl.ds(idx_ref[kb * tm + r], 1), pl.ds(di * td, td)],
+        rows_ref.at[pl.ds(r, 1)], sem.at[0])
+
+    @pl.when(kb == 0)
+    def _zero():
+      acc_ref[...] = jnp.zeros_like(acc_ref)
+
+    _row_loop(0, tm, valid, lambda r: copy(r).start())
+    _row_loop(0, tm, valid, lambda r: copy(r).wait())
+    # Rows past k (the last block): neither fetched nor in g; zero both sides.
+    rows = _common.tpu_select(
+        kb * tm + jax.lax.broadcasted_iota(jnp.int32, (tm, td), 0) < k, rows_ref[...])
+    grads = _common.tpu_select(
+        kb * tm + jax.lax.broadcasted_iota(jnp.int32, (tm, tn), 0) < k, g_ref[...])
+    acc_ref[...] += jax.lax.dot_general(rows, grads, (((0,), (0,)), ((), ())),
+                                        preferred_element_type=jnp.float32)
+
+    @pl.when(kb == k_blocks - 1)
+    def _store():
+      out_ref[...] = acc_ref[...].astype(out_ref.dtype)
+
+  itemsize = jnp.dtype(x.dtype).itemsize
+  n_blocks = _common.cdiv(n, tn)
+  return pl.pallas_call(
+      kernel,
+      out_shape=_common.out_struct((d, n), x.dtype, x),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=1,
+          grid=(d // td, n_blocks, k_blocks),
+          in_specs=[pl.BlockSpec(memory_space=pl.ANY),
+                    pl.BlockSpec((tm, tn), lambda di, j, kb, idx_ref: (kb, j))],
+          out_specs=pl.BlockSpec((td, tn), lambda di, j, kb, idx_ref: (di, j)),
+          scratch_shapes=[pltpu.VMEM((tm, td), x.dtype), pltpu.VMEM((td, tn), jnp.float32),
+                          pltpu.SemaphoreType.DMA((1,))]),
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "arbitrary")),
+      cost_estimate=_common.cost(2 * k * d * n, itemsize * (n_blocks * k * d + (d // td) * k * n
+                                                            + d * n) + 4 * k),
+      interpret=_interpret(interpret),
+      name="gather_tmatmul")(idx, x, g)
 
 
 def gather_rows(x, idx, *, block_rows=128, interpret=False):

@@ -33,12 +33,30 @@ def _ffn_grad(impl):
   return jax.grad(loss, argnums=(0, 2, 3))
 
 
+def _gather_grad(impl):
+  """dx and dw of gather_matmul: the scatter and gather_tmatmul kernels."""
+  def loss(x, idx, w):
+    return jnp.sum(pallas_kernels.gather_matmul(x, idx, w, impl=impl).astype(jnp.float32))
+  return jax.grad(loss, argnums=(0, 2))
+
+
+def _scatter_grad(impl):
+  """dy and dout of scatter "set": the gather_rows and scatter kernels."""
+  def loss(y, idx, out):
+    return jnp.sum(pallas_kernels.scatter(y, idx, out, mode="set", impl=impl).astype(jnp.float32))
+  return jax.grad(loss, argnums=(0, 2))
+
+
 # name -> (function of impl, argument shapes given a dtype)
 OPS = {
     "routed_ffn": (lambda impl: lambda *a: pallas_kernels.routed_ffn(*a, impl=impl), _ffn_args),
     "routed_ffn_grad": (_ffn_grad, _ffn_args),
     "gather_matmul": (lambda impl: lambda *a: pallas_kernels.gather_matmul(*a, impl=impl),
                       lambda dt: (S((512, 256), dt), S((200,), I32), S((256, 512), dt))),
+    "gather_matmul_grad": (_gather_grad,
+                           lambda dt: (S((512, 256), dt), S((200,), I32), S((256, 512), dt))),
+    "scatter_set_grad": (_scatter_grad,
+                         lambda dt: (S((200, 256), dt), S((200,), I32), S((512, 256), dt))),
     "scatter_add": (lambda impl: lambda *a: pallas_kernels.scatter(*a, mode="add", impl=impl),
                     lambda dt: (S((200, 256), dt), S((200,), I32), S((512, 256), dt))),
     "scatter_set": (lambda impl: lambda *a: pallas_kernels.scatter(*a, mode="set", impl=impl),
@@ -59,6 +77,8 @@ UNALIGNED = {
     "routed_ffn": _ffn_args_unaligned,
     "routed_ffn_grad": _ffn_args_unaligned,
     "gather_matmul": lambda dt: (S((300, 200), dt), S((77,), I32), S((200, 330), dt)),
+    "gather_matmul_grad": lambda dt: (S((300, 200), dt), S((77,), I32), S((200, 330), dt)),
+    "scatter_set_grad": lambda dt: (S((77, 200), dt), S((77,), I32), S((300, 200), dt)),
     "scatter_add": lambda dt: (S((77, 200), dt), S((77,), I32), S((300, 200), dt)),
     "scatter_set": lambda dt: (S((77, 200), dt), S((77,), I32), S((300, 200), dt)),
     "pattention": lambda dt: (S((300, 200), dt), S((700, 200), dt), S((700, 330), dt)),
@@ -96,6 +116,14 @@ def test_auto_exports_the_kernel_of_the_target_platform_only(platform):
 
 def test_auto_exports_the_reference_for_cpu():
   assert "custom_call" not in _module("routed_ffn", "auto", "cpu", jnp.float32)
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_gather_and_scatter_backward_passes_run_kernels_not_xla_dots(platform):
+  module = _module("gather_matmul_grad", "pallas", platform, jnp.bfloat16)
+  assert "scatter_set" in module and "gather_tmatmul" in module
+  module = _module("scatter_set_grad", "pallas", platform, jnp.bfloat16)
+  assert "gather_rows" in module and "scatter_set" in module
 
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])

@@ -125,3 +125,19 @@ def test_gradients_run_the_other_ops_kernels(impl):
   jaxpr = str(jax.make_jaxpr(jax.grad(lambda y, out: jnp.sum(
       pallas_kernels.scatter(y, _idx(), out, mode="set", impl=impl)), argnums=(0, 1)))(y, out))
   assert "gather_rows" in jaxpr and "scatter_set" in jaxpr
+
+
+@INTERPRET
+@DTYPES
+def test_gather_tmatmul_kernel_is_the_gathered_rows_transposed_times_g(impl, dtype):
+  # dw of gather_matmul; 77 rows of 300 in blocks of 16, d = 768 in blocks of 256: the last row
+  # block is partial and must not leak its unfetched rows.
+  from pallas_kernels.gather_matmul import gpu, tpu  # pylint: disable=g-import-not-at-top
+  backend, interpret = util.kernel_module(impl, tpu, gpu)
+  k = util.keys(6, 2)
+  x, g = util.normal(k[0], (300, 768), dtype), util.normal(k[1], (77, 330), dtype)
+  idx = jax.random.permutation(jax.random.key(7), 300)[:77].astype(jnp.int32)
+  got = jax.jit(lambda x, g: backend.gather_tmatmul(x, idx, g, block_rows=16, block_d=256,
+                                                    interpret=interpret))(x, g)
+  want = jnp.dot(jnp.take(x, idx, axis=0).T, g, preferred_element_type=jnp.float32)
+  util.assert_matches(got, want.astype(dtype))
