@@ -158,10 +158,11 @@ def triton_params(num_warps: int = 4, num_stages: int = 2):
 #   rows (tokens / gathered rows)  1024        128
 #                                  128         64
 #   columns (output features)      256         128
-#   depth (the matmul's k loop)    128         64        (else 32)
+#   depth (the matmul's k loop)    128         64        (else 32; always 32 for 4-byte inputs)
 #
 # warps: 8 when a tile holds >= 128 x 128 accumulators, else 4; stages (software pipelining of
-# the k loop): 3 when the loop has >= 3 trips, else 2.
+# the k loop): 3 when the loop has >= 3 trips, else 2. Shared memory per program, stages x
+# (bm + bn) x depth x itemsize, stays <= 96 KiB (bf16 128 x 128 x 64 or f32 128 x 128 x 32).
 TRITON_ROWS = ((1024, 128), (128, 64))
 TRITON_COLS = ((256, 128),)
 TRITON_DEPTH = ((128, 64),)
@@ -174,12 +175,12 @@ def _from_table(size: int, table, fallback: int) -> int:
   return gpu_block(size, fallback)
 
 
-def triton_tiles(rows: int, cols: int, depth: int):
+def triton_tiles(rows: int, cols: int, depth: int, dtype=jnp.bfloat16):
   """(block_rows, block_cols, block_depth, CompilerParams) for a [rows, depth] x [depth, cols]
-  tile loop, from the table above."""
+  tile loop of `dtype` inputs, from the table above."""
   bm = _from_table(rows, TRITON_ROWS, 64)
   bn = _from_table(cols, TRITON_COLS, 128)
-  bk = _from_table(depth, TRITON_DEPTH, 32)
+  bk = _from_table(depth, TRITON_DEPTH if jnp.dtype(dtype).itemsize < 4 else (), 32)
   warps = 8 if bm * bn >= 128 * 128 else 4
   stages = 3 if cdiv(depth, bk) >= 3 else 2
   return bm, bn, bk, triton_params(warps, stages)

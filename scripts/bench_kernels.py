@@ -115,7 +115,7 @@ def _pattention_recomputations(t, d, n, dtype) -> int:
   row fits the VMEM cache (else once more); on GPU once per attend output block."""
   if _platform() == "tpu":
     return 0 if pattention_tpu._blocks(t, n, d, d, dtype, 256, 512)[2] else 1
-  return _common.cdiv(d, pattention_gpu._blocks(t, n, d, d, None, None, None, None)[3])
+  return _common.cdiv(d, pattention_gpu._blocks(t, n, d, d, dtype, None, None, None, None)[3])
 
 
 def pattention_case(t, d, n, dtype, key) -> List[Case]:

@@ -40,7 +40,7 @@ def gather_matmul(x, idx, w, *, block_rows=None, block_n=None, block_d=None, int
   m, d = x.shape
   k = idx.shape[0]
   n = w.shape[1]
-  bm, bn, bd, params = _common.triton_tiles(k, n, d)
+  bm, bn, bd, params = _common.triton_tiles(k, n, d, x.dtype)
   bm = _common.gpu_block(k, block_rows) if block_rows else bm
   bn = _common.gpu_block(n, block_n) if block_n else bn
   bd = _common.gpu_block(d, block_d) if block_d else bd
@@ -84,7 +84,8 @@ def gather_tmatmul(x, idx, g, *, block_rows=None, block_d=None, block_n=None, in
   """x[idx]^T @ g: x [m, d], idx [k], g [k, n] -> [d, n] in x.dtype (gather_matmul's dw)."""
   m, d = x.shape
   k, n = g.shape
-  bd, bn, bm, params = _common.triton_tiles(d, n, k)  # rows of the output are d; depth is k
+  # The output's rows are d, the loop (depth) runs over the k gathered rows.
+  bd, bn, bm, params = _common.triton_tiles(d, n, k, x.dtype)
   bm = _common.gpu_block(k, block_rows) if block_rows else bm
   bd = _common.gpu_block(d, block_d) if block_d else bd
   bn = _common.gpu_block(n, block_n) if block_n else bn

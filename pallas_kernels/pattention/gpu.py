@@ -13,9 +13,9 @@ times its FLOPs; `_blocks` therefore makes block_out as wide as the accumulator 
 accumulator stays at <= 16k elements (64 per thread at 8 warps). At d_out = 768 the scores are
 computed twice in all (the norm pass and one attend pass) where 64-wide blocks computed them 13
 times. Other blocks: block_n 64, block_d per `_common.triton_tiles`' depth rule (64 from d_in
-128). Powers of two >= 16, loads masked. Speed was not measured (no GPU was available). Nothing
-overflows: n is fixed by the parameters. GeLU is the exact one, through `_common.erfc_f32` (exp
-and arithmetic only: Triton lowers no erf).
+128 for 2-byte inputs). Powers of two >= 16, loads masked. Speed was not measured (no GPU was
+available). Nothing overflows: n is fixed by the parameters. GeLU is the exact one, through
+`_common.erfc_f32` (exp and arithmetic only: Triton lowers no erf).
 """
 import jax
 import jax.numpy as jnp
@@ -30,11 +30,11 @@ MAX_ACCUMULATOR = 16 * 1024
 MAX_BLOCK_OUT = 1024
 
 
-def _blocks(t, n, d_in, d_out, block_t, block_n, block_d, block_out):
+def _blocks(t, n, d_in, d_out, dtype, block_t, block_n, block_d, block_out):
   bo = _common.gpu_block(d_out, block_out or MAX_BLOCK_OUT)
   bt = _common.gpu_block(t, block_t or max(16, min(64, MAX_ACCUMULATOR // bo)))
   bn = _common.gpu_block(n, block_n or 64)
-  bd = _common.gpu_block(d_in, block_d) if block_d else _common.triton_tiles(t, n, d_in)[2]
+  bd = _common.gpu_block(d_in, block_d) if block_d else _common.triton_tiles(t, n, d_in, dtype)[2]
   return bt, bn, bd, bo
 
 
@@ -58,7 +58,7 @@ def row_norms(x, k_p, *, block_t=None, block_n=None, block_d=None, interpret=Fal
   """sum_j S_ij^2 over these keys, f32 [t]."""
   t, d_in = x.shape
   n = k_p.shape[0]
-  bt, bn, bd, _ = _blocks(t, n, d_in, 16, block_t or 32, block_n, block_d, None)
+  bt, bn, bd, _ = _blocks(t, n, d_in, 16, x.dtype, block_t or 32, block_n, block_d, None)
   n_blocks = _common.cdiv(n, bn)
   x, k_p = _common.match_varying(x, k_p)
 
@@ -87,7 +87,7 @@ def attend(x, k_p, v_p, sq_norms, *, tau, eps=reference.EPS, out_dtype=None, blo
   """GeLU(S_i tau / sqrt(sq_norms_i + eps)) V_P over these keys, the norms given."""
   t, d_in = x.shape
   n, d_out = v_p.shape
-  bt, bn, bd, bo = _blocks(t, n, d_in, d_out, block_t, block_n, block_d, block_out)
+  bt, bn, bd, bo = _blocks(t, n, d_in, d_out, x.dtype, block_t, block_n, block_d, block_out)
   n_blocks = _common.cdiv(n, bn)
   x, k_p, v_p, ss = _common.match_varying(x, k_p, v_p, sq_norms.astype(jnp.float32))
 

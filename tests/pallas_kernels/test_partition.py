@@ -35,7 +35,7 @@ T, D, N, K = 512, 256, 1024, 200   # tokens, features, parameter tokens / column
 
 
 def _sum(fn):
-  """A loss that needs the forward value (pattention's backward is XLA's, its forward the kernel)."""
+  """A loss that needs the forward value (pattention's backward is XLA's, its forward a kernel)."""
   return lambda *a: jnp.sum(jnp.square(fn(*a).astype(jnp.float32)))
 
 
