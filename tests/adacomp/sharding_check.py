@@ -23,7 +23,7 @@ from adacomp.models import build
 from adacomp.models.decoder import DecoderConfig
 
 
-TOKENFORMER_SMALL = ("DecoderConfig.num_layers = 2", "DecoderConfig.d_model = 32",
+TOKENFORMER_SMALL = ("DecoderConfig.num_layers = 1", "DecoderConfig.d_model = 32",
                      "DecoderConfig.num_heads = 2", "DecoderConfig.head_dim = 16",
                      "DecoderConfig.vocab_size = 64", "tokenformer_attention.n_qkv = 32",
                      "tokenformer_attention.n_out = 32", "tokenformer_ffn.n_ffn = 64",
@@ -35,7 +35,7 @@ def small_decoder():
                                                num_heads=4, head_dim=16, d_ff=128, max_len=32))
 
 
-INFORMED_GATHER_SMALL = ("DecoderConfig.num_layers = 2", "DecoderConfig.d_model = 32",
+INFORMED_GATHER_SMALL = ("DecoderConfig.num_layers = 1", "DecoderConfig.d_model = 32",
                          "DecoderConfig.num_heads = 2", "DecoderConfig.head_dim = 16",
                          "DecoderConfig.d_ff = 64", "DecoderConfig.vocab_size = 64",
                          "routed_ffn.compute = 'gather'", "configure_kernels.impl = 'interpret'")
