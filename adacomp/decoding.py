@@ -275,8 +275,10 @@ def generate_rows(model, params, tokenizer, prompts, schedule_fn, key, *, max_ne
   tokens over the compiled call's time, compile excluded), `compile_s`, `schedule` and
   `prompt_width` (the longest prompt, BOS included).
   """
-  encoded = [np.concatenate([[tokenizer.bos_id], tokenizer.encode(p)]).astype(np.int32)
-             for p in prompts]
+  # A tokenizer with `encode_prompt` (the HF kind) adds its own special tokens, as transformers'.
+  encode = getattr(tokenizer, "encode_prompt", None) or (
+      lambda p: np.concatenate([[tokenizer.bos_id], tokenizer.encode(p)]))
+  encoded = [np.asarray(encode(p)).astype(np.int32) for p in prompts]
   lens = np.asarray([len(e) for e in encoded], np.int32)
   width = int(lens.max())
   total = width + max_new_tokens

@@ -106,8 +106,8 @@ def import_lm(hf_dir: str, workdir: str, tokenizer: Optional[str] = None, log=pr
     boxed = boxed["params"]
     shardings = sharding.logical_shardings(boxed, mesh, rules)
     abstract = sharding.strip_boxes(boxed)
-    log(f"Importing {family.name} from {hf_dir}: {reader.total_bytes() / 1e6:,.1f} MB of "
-        f"safetensors; host memory needed: about {host_bytes_needed(abstract) / 1e6:,.1f} MB "
+    log(f"Importing {family.name} from {hf_dir}: {reader.total_bytes() / 1e6:,.3g} MB of "
+        f"safetensors; host memory needed: about {host_bytes_needed(abstract) / 1e6:,.3g} MB "
         f"(the largest parameter in float32), each parameter placed on the "
         f"{dict(mesh.shape)} mesh as it is read.")
 
@@ -152,5 +152,14 @@ def decoder_fields(config: DecoderConfig) -> dict:
   return {k: getattr(config, k) for k in ARCHITECTURE_FIELDS}
 
 
-__all__ = ["import_lm", "read_config", "check_fresh_workdir", "decoder_fields",
+__all__ = ["import_model", "import_lm", "read_config", "check_fresh_workdir", "decoder_fields",
            "host_bytes_needed"]
+
+
+def import_model(hf_dir: str, workdir: str, tokenizer: Optional[str] = None, log=print):
+  """scripts/import_hf.py: a language model (import_lm) or a ViT classifier (adacomp.hf.vision)."""
+  hf = read_config(hf_dir)
+  from adacomp.hf import vision  # pylint: disable=g-import-not-at-top
+  if vision.is_vision(hf):
+    return vision.import_vit(hf_dir, workdir, log=log)
+  return import_lm(hf_dir, workdir, tokenizer=tokenizer, log=log)
