@@ -112,21 +112,25 @@ def save_lm(family: str, config, seed: int, tokenizer=None):
 def save_vit(seed: int):
   path = os.path.join(ROOT, "vit")
   shutil.rmtree(path, ignore_errors=True)
+  # The digits data's shape (32 x 32, one channel, ten classes), so AS-ViT fine-tunes it.
   config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=64, image_size=16, patch_size=4,
-                                  num_channels=3, num_labels=5)
+                                  intermediate_size=64, image_size=32, patch_size=8,
+                                  num_channels=1, num_labels=10)
   torch.manual_seed(seed)
   model = randomise(transformers.ViTForImageClassification(config), seed)
   model.save_pretrained(path)
   rng = np.random.default_rng(seed)
-  pixels = rng.standard_normal((2, 3, 16, 16)).astype(np.float32)
+  pixels = rng.standard_normal((2, 1, 32, 32)).astype(np.float32)
   with torch.no_grad():
     logits = model(torch.from_numpy(pixels)).logits.float().numpy()
   np.savez(os.path.join(path, "reference.npz"), pixel_values=pixels, logits=logits)
   print(f"vit: {sum(p.numel() for p in model.parameters()):,} params -> {path}")
 
 
-def main():
+def main(only=None):
+  if only == "vit":
+    save_vit(seed=10)
+    return
   llama_dir = os.path.join(ROOT, "llama")
   shutil.rmtree(llama_dir, ignore_errors=True)
   os.makedirs(llama_dir)
@@ -137,4 +141,5 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  import sys  # pylint: disable=g-import-not-at-top
+  main(*sys.argv[1:])

@@ -116,6 +116,8 @@ def _in_ndim(path: tuple) -> int:
 
 def hf_shape(weight: Weight, path: tuple, shape: tuple) -> tuple:
   """The HF tensor shape of one layer's adacomp parameter of `shape`."""
+  if weight.shape:
+    return weight.shape
   if weight.kind in ("linear", "conv1d"):
     k = _in_ndim(path)
     inp, out = math.prod(shape[:k]), math.prod(shape[k:])
@@ -128,6 +130,8 @@ def hf_shape(weight: Weight, path: tuple, shape: tuple) -> tuple:
 def _to_ours(weight: Weight, array: np.ndarray, shapes: list) -> list:
   if weight.kind == "linear":
     return [array.T.reshape(shapes[0])]
+  if weight.kind == "patch":  # Conv2d [d, C, p, p] -> patchify's [(p p C), d]
+    return [array.transpose(2, 3, 1, 0).reshape(shapes[0])]
   if weight.kind == "fused":
     parts = np.split(array, 3, axis=-1)
     return [p.reshape(s) for p, s in zip(parts, shapes)]
@@ -150,7 +154,7 @@ def _layer_names(weight: Weight, layers: int, stacked: bool) -> list:
 
 
 def to_params(reader: SafetensorsReader, family: Family, fields: dict, abstract: dict,
-              place: Callable[[tuple, np.ndarray], jax.Array], log=print) -> dict:
+              place: Callable[[tuple, np.ndarray], jax.Array]) -> dict:
   """adacomp's params tree from the reader's tensors; `abstract` gives each parameter's shape
   ([layers, ...] under "blocks"), `place(path, array)` puts one parameter on its devices."""
   params, done = {}, set()

@@ -10,6 +10,7 @@ layers) and the HF tensor(s) it comes from, with the layout change between them:
   'linear'  HF nn.Linear [out, in]   <-> adacomp [in, ...out] (a transpose, then heads split)
   'conv1d'  GPT-2's Conv1D [in, out] <-> adacomp [in, ...out] (heads split only)
   'copy'    the same values, reshaped (embeddings, norms, biases)
+  'patch'   ViT's patch Conv2d [d, C, p, p] <-> adacomp's [p p C, d] (`shape`: the HF one)
   'fused'   GPT-2's c_attn: one [in, 3 out] tensor (or [3 out] bias) <-> adacomp's query, key,
             value (`path` then names the three).
 """
@@ -35,8 +36,9 @@ class UnsupportedConfigError(ValueError):
 class Weight:
   path: tuple  # adacomp params path; ("blocks", ...) is stacked over layers
   hf: str  # HF tensor name; "{i}" stands for the layer index
-  kind: str  # 'linear' | 'conv1d' | 'copy' | 'fused'
+  kind: str  # 'linear' | 'conv1d' | 'copy' | 'patch' | 'fused'
   paths: tuple = ()  # 'fused': the adacomp paths the HF tensor splits into
+  shape: tuple = ()  # the HF tensor's shape where adacomp's does not imply it
 
 
 @dataclasses.dataclass(frozen=True)

@@ -84,6 +84,20 @@ def _tokenizer_source(hf_dir: str, tokenizer: Optional[str]) -> Optional[str]:
   return path
 
 
+def write_workdir(workdir: str, params, meta: dict, text: str, log=print) -> None:
+  """Checkpoint step 0 (params and meta, with the params' checksums) and config.gin, under the
+  workdir's lock."""
+  meta = dict(meta, digests={"params": checkpointing.leaf_digests(params)})
+  with checkpointing.WorkdirLock(workdir, log=log):
+    manager = checkpointing.make_manager(workdir, save_every=1, keep=1, async_save=False)
+    manager.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                            meta=ocp.args.JsonSave(meta)), force=True)
+    manager.wait_until_finished()
+    manager.close()
+    with open(os.path.join(workdir, "config.gin"), "w", encoding="utf-8") as f:
+      f.write(text)
+
+
 def host_bytes_needed(abstract) -> int:
   """The host memory the import holds at once: the largest parameter in float32 (stacked
   over layers), read and converted before it is placed and freed."""
@@ -117,8 +131,8 @@ def import_lm(hf_dir: str, workdir: str, tokenizer: Optional[str] = None, log=pr
         target = target[key]
       return jax.device_put(value, target)
 
-    params = convert.to_params(reader, family, fields, abstract, place, log)
-  ckpt_dir = checkpointing.ensure_writable(workdir)
+    params = convert.to_params(reader, family, fields, abstract, place)
+  checkpointing.ensure_writable(workdir)
   local_tokenizer = None
   if tokenizer_path:
     os.makedirs(os.path.join(workdir, "tokenizer"), exist_ok=True)
@@ -132,16 +146,8 @@ def import_lm(hf_dir: str, workdir: str, tokenizer: Optional[str] = None, log=pr
   text = gin_text(fields, local_tokenizer, hf)
   meta = {"gin_config": text, "batch_size": 8, "eval_batches": 4,
           "seq_len": min(128, fields["max_len"]), "vocab_size": fields["vocab_size"],
-          "hf": {"family": family.name, "config": hf},
-          "digests": {"params": checkpointing.leaf_digests(params)}}
-  with checkpointing.WorkdirLock(str(ckpt_dir), log=log):
-    manager = checkpointing.make_manager(str(ckpt_dir), save_every=1, keep=1, async_save=False)
-    manager.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                            meta=ocp.args.JsonSave(meta)), force=True)
-    manager.wait_until_finished()
-    manager.close()
-    with open(os.path.join(workdir, "config.gin"), "w", encoding="utf-8") as f:
-      f.write(text)
+          "hf": {"family": family.name, "config": hf}}
+  write_workdir(workdir, params, meta, text, log)
   log(f"Wrote {workdir}: checkpoint step 0 ({sum(x.size for x in jax.tree.leaves(params)):,} "
       f"parameters), config.gin{', tokenizer/' if tokenizer_path else ''}.")
   return fields
@@ -152,10 +158,6 @@ def decoder_fields(config: DecoderConfig) -> dict:
   return {k: getattr(config, k) for k in ARCHITECTURE_FIELDS}
 
 
-__all__ = ["import_model", "import_lm", "read_config", "check_fresh_workdir", "decoder_fields",
-           "host_bytes_needed"]
-
-
 def import_model(hf_dir: str, workdir: str, tokenizer: Optional[str] = None, log=print):
   """scripts/import_hf.py: a language model (import_lm) or a ViT classifier (adacomp.hf.vision)."""
   hf = read_config(hf_dir)
@@ -163,3 +165,7 @@ def import_model(hf_dir: str, workdir: str, tokenizer: Optional[str] = None, log
   if vision.is_vision(hf):
     return vision.import_vit(hf_dir, workdir, log=log)
   return import_lm(hf_dir, workdir, tokenizer=tokenizer, log=log)
+
+
+__all__ = ["import_model", "import_lm", "read_config", "check_fresh_workdir", "decoder_fields",
+           "host_bytes_needed", "write_workdir"]
