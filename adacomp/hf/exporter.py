@@ -14,13 +14,14 @@ tokenizer.json / tokenizer_config.json.
 """
 import json
 import os
+import re
 import shutil
 from typing import Optional
 
 import gin
 from safetensors.numpy import save_file
 
-from adacomp import gin_utils
+from adacomp import checkpointing, gin_utils
 from adacomp.hf import convert
 from adacomp.hf.families import FAMILIES, check_exportable
 from adacomp.hf.importer import TOKENIZER_FILES, decoder_fields
@@ -36,6 +37,27 @@ def _plain(cls, expected, slot: str) -> None:
         f"DecoderConfig.{slot}={getattr(cls, '__name__', cls)}: only a dense backbone "
         f"({expected.__name__}) exports to Hugging Face, since transformers has no such layer. "
         f"Export the dense (or SkipDecode) checkpoint the method started from instead.")
+
+
+# gin's operative config may wrap a long value onto the next line (a backslash, then the value).
+_INIT = re.compile(r"^train\.init_checkpoint\s*=\s*(?:\\\s*)?'([^']+)'", re.MULTILINE)
+
+
+def hf_origin(meta: dict, hops: int = 8) -> dict:
+  """{'family', 'config'} of the imported checkpoint this run descends from, through the chain
+  of `train.init_checkpoint`s in the saved configs (a fine-tune of a fine-tune of an import);
+  {} when there is none."""
+  for _ in range(hops):
+    if meta.get("hf"):
+      return meta["hf"]
+    parent = _INIT.search(meta.get("gin_config", ""))
+    if not parent:
+      return {}
+    try:
+      meta = checkpointing.read_meta(parent.group(1))[1]
+    except (checkpointing.CheckpointError, OSError):
+      return {}
+  return {}
 
 
 def _bound_value(name: str):
@@ -64,7 +86,7 @@ def export_lm(checkpoint_dir: str, out_dir: str, family: Optional[str] = None, l
     raise ValueError(f"--out_dir={out_dir} already holds a model (config.json); pass a new "
                      f"directory.")
   step, meta = gin_utils.parse_checkpoint_config(checkpoint_dir)
-  origin = meta.get("hf") or {}
+  origin = hf_origin(meta)
   name = family or origin.get("family")
   if name not in FAMILIES:
     raise ValueError(f"{checkpoint_dir} was not imported from Hugging Face and --family="
