@@ -14,7 +14,6 @@ and any method config with `--gin_file=<workdir>/config.gin` and
 architecture fields and the tokenizer, so a method's own `DecoderConfig.ffn_cls` (DuoFFN,
 RoutedFFN, ...) stays in force.
 """
-import json
 import math
 import os
 import shutil
@@ -23,36 +22,15 @@ from typing import Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import orbax.checkpoint as ocp
 
 from adacomp import checkpointing, sharding
-from adacomp.hf import convert
+from adacomp.hf import convert, vision
+from adacomp.hf.workdir import check_fresh_workdir, read_config, write_workdir
 from adacomp.hf.families import ARCHITECTURE_FIELDS, Family, family_of
 from adacomp.models.decoder import DecoderConfig, DecoderLM
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 NO_TOKENIZER = "none"
-
-
-def read_config(hf_dir: str) -> dict:
-  path = os.path.join(hf_dir, "config.json")
-  if not os.path.isdir(hf_dir):
-    raise FileNotFoundError(f"--hf_dir={hf_dir} is not a directory; pass a local Hugging Face "
-                            f"model directory (config.json and *.safetensors).")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{hf_dir} has no config.json; pass a Hugging Face model directory "
-                            f"as save_pretrained writes it.")
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
-
-
-def check_fresh_workdir(workdir: str) -> None:
-  """Refuses a workdir that already holds a run (checkpoints, a config or a lock)."""
-  held = [n for n in (checkpointing.CHECKPOINT_SUBDIR, "config.gin", checkpointing.LOCK_FILE)
-          if os.path.exists(os.path.join(workdir, n))]
-  if held:
-    raise ValueError(f"--workdir={workdir} already holds a run ({', '.join(held)}); importing "
-                     f"would mix two models' files. Pass a new --workdir, or remove that one.")
 
 
 def gin_text(fields: dict, tokenizer_path: Optional[str], hf: dict) -> str:
@@ -82,20 +60,6 @@ def _tokenizer_source(hf_dir: str, tokenizer: Optional[str]) -> Optional[str]:
         f"transformers' AutoTokenizer(...).save_pretrained first). Pass --tokenizer=PATH, or "
         f"--tokenizer={NO_TOKENIZER} to import the weights alone.")
   return path
-
-
-def write_workdir(workdir: str, params, meta: dict, text: str, log=print) -> None:
-  """Checkpoint step 0 (params and meta, with the params' checksums) and config.gin, under the
-  workdir's lock."""
-  meta = dict(meta, digests={"params": checkpointing.leaf_digests(params)})
-  with checkpointing.WorkdirLock(workdir, log=log):
-    manager = checkpointing.make_manager(workdir, save_every=1, keep=1, async_save=False)
-    manager.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                            meta=ocp.args.JsonSave(meta)), force=True)
-    manager.wait_until_finished()
-    manager.close()
-    with open(os.path.join(workdir, "config.gin"), "w", encoding="utf-8") as f:
-      f.write(text)
 
 
 def host_bytes_needed(abstract) -> int:
@@ -161,7 +125,6 @@ def decoder_fields(config: DecoderConfig) -> dict:
 def import_model(hf_dir: str, workdir: str, tokenizer: Optional[str] = None, log=print):
   """scripts/import_hf.py: a language model (import_lm) or a ViT classifier (adacomp.hf.vision)."""
   hf = read_config(hf_dir)
-  from adacomp.hf import vision  # pylint: disable=g-import-not-at-top
   if vision.is_vision(hf):
     return vision.import_vit(hf_dir, workdir, log=log)
   return import_lm(hf_dir, workdir, tokenizer=tokenizer, log=log)

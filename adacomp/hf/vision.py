@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from adacomp import checkpointing, sharding
 from adacomp.hf import convert
+from adacomp.hf import workdir as workdir_files
 from adacomp.hf.families import ACTIVATIONS, Family, UnsupportedConfigError, Weight
 from adacomp.models.vit import ViT, ViTConfig
 
@@ -93,10 +94,9 @@ def gin_text(fields: dict) -> str:
 
 def import_vit(hf_dir: str, workdir: str, log=print) -> dict:
   """Writes <workdir>/checkpoints/0 and config.gin; returns the ViTConfig fields."""
-  from adacomp.hf import importer  # pylint: disable=g-import-not-at-top
-  hf = importer.read_config(hf_dir)
+  hf = workdir_files.read_config(hf_dir)
   fields = vit_config(hf)
-  importer.check_fresh_workdir(workdir)
+  workdir_files.check_fresh_workdir(workdir)
   reader = convert.SafetensorsReader(hf_dir, VIT)
   model = ViT(ViTConfig(**fields))
   images = jnp.zeros((1, fields["image_size"], fields["image_size"], fields["channels"]))
@@ -109,6 +109,6 @@ def import_vit(hf_dir: str, workdir: str, log=print) -> dict:
           "task": "image_classification", "num_classes": fields["num_classes"],
           "channels": fields["channels"], "hf": {"family": "vit", "config": hf}}
   checkpointing.ensure_writable(workdir)
-  importer.write_workdir(workdir, params, meta, text, log)
+  workdir_files.write_workdir(workdir, params, meta, text, log)
   log(f"Wrote {workdir}: checkpoint step 0, config.gin.")
   return fields
