@@ -1,7 +1,8 @@
 r"""Writes the tiny Hugging Face fixtures of tests/hf (run with torch + transformers installed).
 
   python -m venv /tmp/torchvenv && /tmp/torchvenv/bin/pip install torch transformers safetensors
-  /tmp/torchvenv/bin/python scripts/make_hf_fixtures.py  # rewrites tests/testdata/hf/
+  /tmp/torchvenv/bin/python scripts/make_hf_fixtures.py      # rewrites tests/testdata/hf/
+  /tmp/torchvenv/bin/python scripts/make_hf_fixtures.py vit  # the ViT fixture only
 
 Each family gets a randomly initialised model with every weight, bias and norm scale drawn at
 random (HF's own init leaves biases at zero, which would hide a mis-mapped bias), saved with
