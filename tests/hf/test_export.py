@@ -21,7 +21,7 @@ def _original_tensors(family):
   return tensors
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gpt2", "opt"])
 def test_round_trip_gives_the_original_tensors_and_logits(family, tmp_path):
   workdir, out = str(tmp_path / "w"), str(tmp_path / "hf")
   tokenizer = None if family == "llama" else importer.NO_TOKENIZER

@@ -1,12 +1,19 @@
 """Imported Hugging Face language models compute transformers' logits (tests/testdata/hf)."""
 import json
 import os
+import subprocess
+import sys
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from adacomp import gin_utils, sharding
 from adacomp.data.tokenizers import HFTokenizer
-from tests.hf.common import (HAVE_TRANSFORMERS, LM_FAMILIES, assert_logits_close, fixture,
+from adacomp.models import build
+from tests.hf.common import (HAVE_TRANSFORMERS, LM_FAMILIES, REPO, assert_logits_close, fixture,
                              import_and_load, live_logits, reference)
 
 
@@ -52,3 +59,26 @@ def test_hf_tokenizer_bytes_sum_to_the_utf8_length():
     ids = tok.encode(text)
     assert tok.num_bytes(ids).sum() == len(text.encode("utf-8"))
     assert tok.num_bytes(np.asarray([tok.bos_id, tok.eos_id])).sum() == 0
+
+
+def test_import_places_parameters_on_a_sharded_mesh(tmp_path):
+  """8 simulated devices, parameters split over fsdp x tensor as they are read; the
+  checkpoint then computes the reference logits on one device."""
+  workdir = str(tmp_path / "w")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  run = subprocess.run(
+      [sys.executable, os.path.join(REPO, "scripts", "import_hf.py"),
+       f"--hf_dir={fixture('qwen2')}", f"--workdir={workdir}", "--tokenizer=none",
+       "--gin_bindings=make_mesh.data = 2", "--gin_bindings=make_mesh.fsdp = 2",
+       "--gin_bindings=make_mesh.tensor = 2"],
+      capture_output=True, text=True, cwd=REPO, env=env, timeout=300, check=False)
+  assert run.returncode == 0, run.stderr[-2000:]
+  assert "{'data': 2, 'fsdp': 2, 'tensor': 2} mesh" in run.stdout
+  step, meta = gin_utils.parse_checkpoint_config(workdir)
+  model = build.build_decoder(meta["vocab_size"])
+  mesh, rules = sharding.make_mesh(), sharding.logical_axis_rules()
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    params = build.restore_sharded(workdir, model, jnp.zeros((1, 8), jnp.int32), mesh, rules,
+                                   step)
+  ref = reference("qwen2")
+  assert_logits_close(model.apply({"params": params}, ref["ids"]), ref["logits"])
