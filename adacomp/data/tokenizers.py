@@ -105,8 +105,9 @@ class HFTokenizer:
     if os.path.isdir(path):
       path = os.path.join(path, "tokenizer.json")
     if not os.path.isfile(path):
-      raise ValueError(f"No Hugging Face tokenizer at {path!r}; set get_tokenizer.hf_tokenizer_path "
-                       f"to a tokenizer.json (or the directory holding one).")
+      raise ValueError(f"No Hugging Face tokenizer at {path!r}; set "
+                       f"get_tokenizer.hf_tokenizer_path to a tokenizer.json (or the directory "
+                       f"holding one).")
     self._tok = _Tokenizer.from_file(path)
     self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
     named = self._special_ids(os.path.join(os.path.dirname(path), "tokenizer_config.json"))

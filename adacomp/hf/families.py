@@ -237,8 +237,10 @@ def _opt_weights(f: dict) -> list:
         Weight(("pos_embed", "embedding"), "model.decoder.embed_positions.weight", "copy"),
         Weight(("final_norm", "scale"), "model.decoder.final_layer_norm.weight", "copy"),
         Weight(("final_norm", "bias"), "model.decoder.final_layer_norm.bias", "copy"),
-        Weight(m + ("wi",), h + "fc1.weight", "linear"), Weight(m + ("bi",), h + "fc1.bias", "copy"),
-        Weight(m + ("wo",), h + "fc2.weight", "linear"), Weight(m + ("bo",), h + "fc2.bias", "copy")]
+        Weight(m + ("wi",), h + "fc1.weight", "linear"),
+        Weight(m + ("bi",), h + "fc1.bias", "copy"),
+        Weight(m + ("wo",), h + "fc2.weight", "linear"),
+        Weight(m + ("bo",), h + "fc2.bias", "copy")]
   for ours, theirs in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj"),
                        ("out", "out_proj")):
     ws += [Weight(a + (ours,), h + f"self_attn.{theirs}.weight", "linear"),
@@ -251,10 +253,12 @@ def _opt_weights(f: dict) -> list:
   return ws
 
 
+_ROPE_BUFFER = (".rotary_emb.inv_freq",)  # saved by older transformers; recomputed here
 FAMILIES = {
-    "llama": Family("llama", ("LlamaForCausalLM",), *_llama_like("llama")),
-    "qwen2": Family("qwen2", ("Qwen2ForCausalLM",), *_llama_like("qwen2")),
-    "mistral": Family("mistral", ("MistralForCausalLM",), *_llama_like("mistral")),
+    "llama": Family("llama", ("LlamaForCausalLM",), *_llama_like("llama"), ignored=_ROPE_BUFFER),
+    "qwen2": Family("qwen2", ("Qwen2ForCausalLM",), *_llama_like("qwen2"), ignored=_ROPE_BUFFER),
+    "mistral": Family("mistral", ("MistralForCausalLM",), *_llama_like("mistral"),
+                      ignored=_ROPE_BUFFER),
     "gpt2": Family("gpt2", ("GPT2LMHeadModel",), _gpt2_config, _gpt2_hf_config, _gpt2_weights,
                    prefixes=("transformer.",), ignored=(".attn.bias", ".attn.masked_bias")),
     "opt": Family("opt", ("OPTForCausalLM",), _opt_config, _opt_hf_config, _opt_weights,

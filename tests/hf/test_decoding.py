@@ -1,6 +1,5 @@
 """The KV-cache decoder runs imported models as their forward pass does: learned positions
 (GPT-2, OPT's offset), grouped-query heads in the cache and Mistral's window."""
-import numpy as np
 import pytest
 
 from adacomp import decoding
