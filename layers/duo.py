@@ -42,21 +42,31 @@ Choices the paper leaves open, made here (each one an attribute, so a gin parame
 
 Compute paths (`compute`):
   * "masked": both FFNs on every token, the output selected by route. Training, as in the paper.
-  * "gather": inference with real savings on any backend. Each module has a static capacity,
-    a fraction of the b*t tokens (`capacity=(c_small, c_big)`, rounded up to whole tokens;
-    None: every token fits). The tokens routed to a module are ranked by priority, earliest
-    sequence position first (then lowest batch row), not by router score: top-k by score would
-    make a token's route depend on tokens at later positions, which autoregressive decoding
-    cannot see. The first `capacity` of them are gathered (`pallas_kernels.gather_matmul`), run
+  * "gather": inference with real savings on any backend. Each module has a static capacity
+    per sequence row, a fraction of the row's t tokens (`capacity=(c_small, c_big)`, ceil(c * t)
+    slots per row; None: every token fits), so a row's routes and output never depend on the
+    other rows of the batch. Within a row, the tokens routed to a module are ranked by
+    priority, earliest position first, not by router score: top-k by score would make a
+    token's route depend on tokens at later positions, which autoregressive decoding cannot
+    see. The first `capacity` of them are gathered (`pallas_kernels.gather_matmul`), run
     through that FFN only and scattered back (`pallas_kernels.scatter`). Overflow rule: BIG is
     filled first; a big-routed token beyond BIG's capacity falls back to SMALL, after every
-    small-routed token (which keep priority) if SMALL still has room; a token beyond SMALL's
-    capacity is skipped. The layer reports the routes taken after overflow.
-  * "sorted": tokens sorted by route (`sort_by_route`), both modules run by
-    `pallas_kernels.routed_ffn` at their own widths with the skip rows last, then unsorted. No
-    capacity and no overflow. Real savings need the TPU/GPU kernels; the CPU reference masks.
-    routed_ffn's GeLU is the tanh form, so this path needs activation "gelu_tanh" (or "relu",
-    "silu") for the same function as the other paths.
+    small-routed token of its row (which keep priority) if SMALL still has room; a token
+    beyond SMALL's capacity is skipped. The layer reports the routes taken after overflow.
+  * "sorted": no capacity, no overflow, the masked path's function (training and inference).
+    On TPU / GPU, tokens are sorted by route (`sort_by_route`) and both modules run by
+    `pallas_kernels.routed_ffn` at their own widths, skip rows last, then unsorted: forward
+    and backward cost the routed FLOPs. XLA has no grouped matmul that saves (routed_ffn's
+    reference masks), so under impl "xla" (and "auto" on CPU) the path runs, when the counts
+    per row are static (`mix_exact` training routes), each row sorted small / big / skip and
+    each FFN on a static slice of its n_small / n_big tokens (the routed FLOPs again), and
+    otherwise the masked path's two FFNs.
+
+Random routes with `mix_exact` (stage-1 training): with a `routing` rng, each row gets exactly
+round(p_small * t) small and round(p_big * t) big tokens at uniformly random positions, instead
+of i.i.d. draws: every token's marginal route probability is still the mix (up to rounding),
+and the static per-row counts let XLA compute only the routed tokens. Evaluation draws (no
+rng) stay i.i.d. per token, so a token's route does not depend on the row's length.
 
 Sown intermediates: `routes` (int32 [b, t], the routes taken) and `macs` (float32 [b, t]):
 ffn_macs(d, d_ff) for BIG, ffn_macs(d, d_ff_small) for SMALL, 0 for SKIP, plus the router's
@@ -67,7 +77,7 @@ the gather path's unused capacity slots are not charged to any token.
 Parameters: `wi`, `wo` (the big FFN, named like `DenseFFN`'s so a dense checkpoint maps onto
 it), `wi_small`, `wo_small`, and `router/...`; float32 with logical axis names.
 """
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -77,14 +87,13 @@ from jax.typing import DTypeLike
 import pallas_kernels
 from layers.mlp import activation_fn, feed_forward, ffn_macs
 from layers.selection import capacity_tokens, first_by_priority, straight_through_zero
+from pallas_kernels import _dispatch
+from pallas_kernels.routed_ffn.routing import permute_rows
 
 SKIP, SMALL, BIG = 0, 1, 2
 NUM_ROUTES = 3
 MODES = ("random", "router", "big", "small", "skip")
 COMPUTES = ("masked", "gather", "sorted")
-
-# routed_ffn names the tanh GeLU "gelu"; layers.mlp's "gelu" is the erf form it lacks.
-_KERNEL_ACTIVATIONS = {"gelu_tanh": "gelu", "relu": "relu", "silu": "silu"}
 
 
 class DuoRouter(nn.Module):
@@ -110,30 +119,50 @@ class DuoRouter(nn.Module):
 
 
 def gather_routes(routes: jax.Array, capacity: Optional[Tuple[float, float]]):
-  """The overflow rule of the gather path, on routes int [b, t].
+  """The overflow rule of the gather path, on routes int [b, t], row by row.
 
-  Returns (taken routes int32 [b, t], (idx_small, valid_small), (idx_big, valid_big)) with
-  indices into the b*t tokens flattened batch-major.
+  Each sequence row has its own slots per module, capacity_tokens(c, t) = ceil(c * t), so a
+  row's routes never depend on the other rows of the batch. Returns (taken routes int32 [b, t],
+  (idx_small, valid_small), (idx_big, valid_big)) with indices [b * k] into the b*t tokens
+  flattened batch-major, row by row.
   """
   b, t = routes.shape
-  n = b * t
   c_small, c_big = (None, None) if capacity is None else capacity
-  flat = routes.reshape(n)
-  # rank 0 = first position of batch row 0; n - rank > 0 orders candidates, earliest first.
-  rank = (jnp.arange(t, dtype=jnp.int32)[None, :] * b
-          + jnp.arange(b, dtype=jnp.int32)[:, None]).reshape(n)
-  first = n - rank
-  # Priority by position, not router score: a score ranking would let later tokens change an
-  # earlier token's route, which a decoder generating left to right cannot see.
-  idx_big, valid_big, taken_big = first_by_priority(
-      jnp.where(flat == BIG, first, 0), capacity_tokens(c_big, n))
-  overflow = (flat == BIG) & ~taken_big
-  # Small-routed tokens outrank every demoted big token: demoted ones only fill spare room.
-  idx_small, valid_small, taken_small = first_by_priority(
-      jnp.where(flat == SMALL, n + first, jnp.where(overflow, first, 0)),
-      capacity_tokens(c_small, n))
-  taken = jnp.where(taken_big, BIG, jnp.where(taken_small, SMALL, SKIP)).astype(jnp.int32)
-  return taken.reshape(b, t), (idx_small, valid_small), (idx_big, valid_big)
+  k_small, k_big = capacity_tokens(c_small, t), capacity_tokens(c_big, t)
+  # Priority by position, earliest first, not by router score: a score ranking would let later
+  # tokens change an earlier token's route, which a decoder generating left to right cannot see.
+  first = t - jnp.arange(t, dtype=jnp.int32)
+
+  def one_row(row):
+    idx_big, valid_big, taken_big = first_by_priority(jnp.where(row == BIG, first, 0), k_big)
+    overflow = (row == BIG) & ~taken_big
+    # Small-routed tokens outrank every demoted big token: demoted ones only fill spare room.
+    idx_small, valid_small, taken_small = first_by_priority(
+        jnp.where(row == SMALL, t + first, jnp.where(overflow, first, 0)), k_small)
+    taken = jnp.where(taken_big, BIG, jnp.where(taken_small, SMALL, SKIP))
+    return taken.astype(jnp.int32), (idx_small, valid_small), (idx_big, valid_big)
+
+  taken, *slots = jax.vmap(one_row)(routes.astype(jnp.int32))
+  offsets = (jnp.arange(b, dtype=jnp.int32) * t)[:, None]
+  slots = [((idx + offsets).reshape(-1), valid.reshape(-1)) for idx, valid in slots]
+  return taken, *slots
+
+
+def exact_mix_routes(key: jax.Array, shape: Tuple[int, int], mix: Sequence[float]):
+  """Routes int32 [b, t] with exactly exact_mix_counts(mix, t) small and big tokens per row, at
+  uniformly random positions (independent rows): each token's marginal is round(p * t) / t."""
+  n_small, n_big = exact_mix_counts(mix, shape[1])
+  rank = jnp.argsort(jnp.argsort(jax.random.uniform(key, shape), axis=-1), axis=-1)
+  return jnp.where(rank < n_big, BIG, jnp.where(rank < n_big + n_small, SMALL, SKIP)).astype(
+      jnp.int32)
+
+
+def exact_mix_counts(mix: Sequence[float], t: int) -> Tuple[int, int]:
+  """(n_small, n_big) tokens per row of length t under `mix_exact`: round(p * t) each."""
+  total = sum(mix)
+  n_big = round(mix[BIG] / total * t)
+  n_small = min(round(mix[SMALL] / total * t), t - n_big)
+  return n_small, n_big
 
 
 class DuoFFN(nn.Module):
@@ -144,7 +173,8 @@ class DuoFFN(nn.Module):
     activation: a `layers.mlp` activation name.
     d_ff_small: hidden width of the small FFN; None means d_ff // 4.
     mode: how routes are decided when none are imposed: one of MODES.
-    compute: "masked" (training), "gather" or "sorted" (inference with real savings).
+    compute: "masked" (both FFNs), "gather" (inference, capacity) or "sorted" (training and
+      inference, no capacity).
     mix: (p_skip, p_small, p_big) of random mode.
     seed: key of random mode's routes when the caller gives no `routing` rng.
     router_hidden: None for a linear router, else the width of its ReLU hidden layer.
@@ -152,8 +182,10 @@ class DuoFFN(nn.Module):
     budget: (f_skip, f_small, f_big) target mean route probabilities of router mode.
     budget_weight: weight of the budget loss.
     train_router_only: stop gradients into the FFN weights.
-    capacity: (c_small, c_big) fractions of the b*t tokens each module can take in the gather
-      path; None: every token fits.
+    capacity: (c_small, c_big) fractions of each sequence row's t tokens each module can take
+      in the gather path (ceil(c * t) slots per row); None: every token fits.
+    mix_exact: random mode draws exactly round(p * t) tokens of each route per row, in a
+      uniformly random arrangement, instead of i.i.d. per token (see the module docstring).
     impl: kernel implementation of the pallas_kernels ops (None: the process default).
   """
   d_ff: int
@@ -172,6 +204,7 @@ class DuoFFN(nn.Module):
   budget_weight: float = 1.0
   train_router_only: bool = False
   capacity: Optional[Tuple[float, float]] = None
+  mix_exact: bool = False
   impl: Optional[str] = None
 
   # DecoderBlock passes its layer index to FFNs that declare this (not a dataclass field).
@@ -184,11 +217,6 @@ class DuoFFN(nn.Module):
       raise ValueError(f"DuoFFN.compute={self.compute!r}; choose one of {COMPUTES}.")
     if x.ndim != 3:
       raise ValueError(f"DuoFFN needs x [batch, length, d_model]; got {x.shape}.")
-    if self.compute == "sorted" and self.activation not in _KERNEL_ACTIVATIONS:
-      raise ValueError(
-          f"DuoFFN(compute='sorted') runs pallas_kernels.routed_ffn, which has no "
-          f"{self.activation!r}; use activation 'gelu_tanh' (DecoderConfig.activation), 'relu' "
-          f"or 'silu', or compute='masked' / 'gather'.")
 
   def _weights(self, d_model: int, width: int, suffix: str):
     init = self.kernel_init
@@ -214,6 +242,8 @@ class DuoFFN(nn.Module):
       # Without a routing rng the seed key alone would give every scanned layer one pattern.
       key = (self.make_rng("routing") if self.has_rng("routing") else
              jax.random.fold_in(jax.random.key(self.seed), layer))
+      if self.mix_exact and self.has_rng("routing"):
+        return exact_mix_routes(key, shape, self.mix), None
       mix = jnp.asarray(self.mix, jnp.float32)
       routes = jax.random.categorical(key, jnp.log(mix / jnp.sum(mix)), shape=shape)
       return routes.astype(jnp.int32), None
@@ -238,11 +268,13 @@ class DuoFFN(nn.Module):
     routed_by_router = routes is None and self.mode == "router"
     logits = router(x) if routed_by_router or self.is_initializing() else None
 
-    straight = None
+    straight, counts = None, None
     if routes is not None:
       routes = jnp.asarray(routes, jnp.int32)
     else:
       routes, straight = self._decide((b, t), logits, layer)
+      if self.mode == "random" and self.mix_exact and self.has_rng("routing"):
+        counts = exact_mix_counts(self.mix, t)
     if routed_by_router:
       self.sow("losses", "duo_budget", self._budget_loss(logits))
 
@@ -251,7 +283,7 @@ class DuoFFN(nn.Module):
     elif self.compute == "gather":
       y, taken = self._gather(x, routes, small, big, straight)
     else:
-      y, taken = self._sorted(x, routes, small, big, straight), routes
+      y, taken = self._sorted(x, routes, small, big, straight, counts), routes
 
     macs = jnp.where(taken == BIG, float(ffn_macs(d_model, self.d_ff)),
                      jnp.where(taken == SMALL, float(ffn_macs(d_model, d_small)), 0.0))
@@ -295,17 +327,50 @@ class DuoFFN(nn.Module):
       out = pallas_kernels.scatter(y, idx, out, mode="add", impl=self.impl)
     return out.reshape(b, t, d_model), taken
 
-  def _sorted(self, x, routes, small, big, straight):
+  def _sorted(self, x, routes, small, big, straight, counts):
+    """routed_ffn's kernels on TPU / GPU. On XLA (impl 'xla', or 'auto' on CPU), where
+    routed_ffn's reference would run both modules at the big width for every token: per-row
+    static slices when the per-row counts are static (`counts`, from mix_exact), else the
+    masked path's two FFNs. All three are one function, straight-through term included."""
+    kernel = lambda x, routes: self._sorted_kernel(x, routes, small, big)
+    if counts is None:
+      fallback = lambda x, routes: self._masked(x, routes, small, big, None)
+    else:
+      fallback = lambda x, routes: self._sorted_static(x, routes, small, big, counts)
+    impl = _dispatch.resolve(self.impl)
+    if impl == "xla":
+      y = fallback(x, routes)
+    elif impl == "auto":
+      y = jax.lax.platform_dependent(x, routes, tpu=kernel, cuda=kernel, default=fallback)
+    else:
+      y = kernel(x, routes)
+    if straight is not None:
+      # Only the taken module's term of the masked path's straight-through sum (zero in value).
+      st = jnp.take_along_axis(straight, routes[..., None], -1).astype(y.dtype)
+      y = y + st * y
+    return y
+
+  def _sorted_kernel(self, x, routes, small, big):
     b, t, d_model = x.shape
     flat = x.reshape(b * t, d_model)
     # routed_ffn's groups: 0 = small, 1 = big; route - 1 sends SKIP to -1, the skip rows.
     rows, order = pallas_kernels.sort_by_route(flat, routes.reshape(-1) - 1, 2)
     w_in, w_out, widths = pallas_kernels.stack_ffn_weights([small, big])
     y = pallas_kernels.routed_ffn(rows, order.group_sizes, w_in, w_out, widths,
-                                  activation=_KERNEL_ACTIVATIONS[self.activation],
-                                  impl=self.impl)
-    y = pallas_kernels.unsort_by_route(y, order).reshape(b, t, d_model)
-    if straight is not None:
-      st = jnp.take_along_axis(straight, routes[..., None], -1).astype(y.dtype)
-      y = y + st * y
-    return y
+                                  activation=self.activation, impl=self.impl)
+    return pallas_kernels.unsort_by_route(y, order).reshape(b, t, d_model)
+
+  def _sorted_static(self, x, routes, small, big, counts):
+    """Each row sorted small, big, skip; the FFNs run on static slices of n_small and n_big
+    tokens per row (exact because every row has exactly these counts)."""
+    b, t, d_model = x.shape
+    n_small, n_big = counts
+    order = jnp.argsort(jnp.where(routes == SKIP, NUM_ROUTES, routes), axis=-1, stable=True)
+    order = (order + jnp.arange(b)[:, None] * t).reshape(-1).astype(jnp.int32)
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(b * t, dtype=jnp.int32))
+    rows = permute_rows(x.reshape(b * t, d_model), order, inverse).reshape(b, t, d_model)
+    y = jnp.concatenate([
+        feed_forward(rows[:, :n_small], *small, self.activation),
+        feed_forward(rows[:, n_small:n_small + n_big], *big, self.activation),
+        jnp.zeros((b, t - n_small - n_big, d_model), x.dtype)], axis=1)
+    return permute_rows(y.reshape(b * t, d_model), inverse, order).reshape(b, t, d_model)

@@ -69,7 +69,7 @@ def routed_ffn(x: jax.Array, group_sizes: jax.Array, w_in: jax.Array, w_out: jax
     group_sizes: int [E] rows per weighted group; sum <= m, the rest are skipped.
     w_in, w_out: [E, d, F] and [E, F, d], padded to the widest group.
     widths: int [E] hidden units per group (default F for all).
-    activation: "gelu" (tanh form), "relu" or "silu".
+    activation: "gelu" (exact, erf), "gelu_tanh", "relu" or "silu" (reference.ACTIVATIONS).
     impl: None, "auto", "xla", "pallas", "interpret" or "interpret_gpu" (see _dispatch).
     block_m, block_k, block_n: kernel tiles; None keeps the backend's default.
   """

@@ -17,12 +17,12 @@ beyond the inputs. act(0) = 0 for every supported activation, so h is zero past 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import _common
+from pallas_kernels.routed_ffn import reference
 
 
 def build(gmm, tgmm, activation: str):
   """A custom-VJP f(x, group_sizes, w_in, w_out, widths) -> out from one backend's matmuls."""
-  act = _common.activation_fn(activation)
+  act = reference.activation_fn(activation)
 
   def forward(x, group_sizes, w_in, w_out, widths):
     pre = gmm(x, w_in, group_sizes, n_limit=widths)

@@ -11,12 +11,28 @@ Every group is evaluated on every row and masked: obviously right, and E times t
 Rounding follows the kernels: f32 accumulation, the hidden pre-activation and activation stored
 in the input dtype.
 """
-from typing import Optional
+import functools
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import _common
+# The activations of routed_ffn, named as layers.mlp names them so that a model's FFN and the
+# kernel compute one function: "gelu" is the exact (erf) GeLU every config uses. The activation
+# runs in XLA between the grouped matmuls (composed.py), so no kernel needs an erf of its own.
+ACTIVATIONS = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+}
+
+
+def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
+  if name not in ACTIVATIONS:
+    raise ValueError(f"routed_ffn: unknown activation {name!r}; choose one of "
+                     f"{sorted(ACTIVATIONS)}.")
+  return ACTIVATIONS[name]
 
 
 def group_bounds(group_sizes: jax.Array, m: int):
@@ -74,7 +90,7 @@ def tgmm(lhs, rhs, group_sizes, *, a_limit=None, b_limit=None, out_dtype=None):
 
 def routed_ffn(x, group_sizes, w_in, w_out, widths, *, activation="gelu"):
   """The routed FFN: see the module docstring. x [m, d] -> [m, d]."""
-  act = _common.activation_fn(activation)
+  act = activation_fn(activation)
   m, _ = x.shape
   e, _, f = w_in.shape
   member = _row_group_mask(group_sizes, m)
