@@ -99,6 +99,7 @@ def gmm(lhs, rhs, group_sizes, *, k_limit=None, n_limit=None, transpose_rhs=Fals
       in_specs=[_ANY] * 8,
       out_specs=_ANY,
       compiler_params=_common.triton_params(),
+      cost_estimate=reference.gmm_cost(lhs, rhs, n),
       interpret=interpret,
       name="routed_gmm")(lo, hi, starts, ends, k_limit, n_limit, lhs, rhs)
 
@@ -144,6 +145,7 @@ def tgmm(lhs, rhs, group_sizes, *, a_limit=None, b_limit=None, out_dtype=None,
       in_specs=[_ANY] * 6,
       out_specs=_ANY,
       compiler_params=_common.triton_params(),
+      cost_estimate=reference.tgmm_cost(lhs, rhs, e, out_dtype or lhs.dtype),
       interpret=interpret,
       name="routed_tgmm")(starts, ends, a_limit, b_limit, lhs, rhs)
 

@@ -12,10 +12,12 @@ Rounding follows the kernels: f32 accumulation, the hidden pre-activation and ac
 in the input dtype.
 """
 import functools
+import math
 from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 # The activations of routed_ffn, named as layers.mlp names them so that a model's FFN and the
 # kernel compute one function: "gelu" is the exact (erf) GeLU every config uses. The activation
@@ -33,6 +35,27 @@ def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
     raise ValueError(f"routed_ffn: unknown activation {name!r}; choose one of "
                      f"{sorted(ACTIVATIONS)}.")
   return ACTIVATIONS[name]
+
+
+def _nbytes(shape, dtype) -> int:
+  return math.prod(shape) * jnp.dtype(dtype).itemsize
+
+
+def gmm_cost(lhs, rhs, n: int) -> pl.CostEstimate:
+  """XLA's estimate of a gmm: the bound of every row multiplied by one full group matrix (the
+  real work is lower by the skipped rows and the width limits, which are traced values)."""
+  m, k = lhs.shape
+  return pl.CostEstimate(flops=2 * m * k * n, transcendentals=0, bytes_accessed=(
+      _nbytes(lhs.shape, lhs.dtype) + _nbytes(rhs.shape, rhs.dtype)
+      + _nbytes((m, n), lhs.dtype)))
+
+
+def tgmm_cost(lhs, rhs, e: int, out_dtype) -> pl.CostEstimate:
+  """XLA's estimate of a tgmm: every row's outer product added once (to its group's output)."""
+  (m, a), b = lhs.shape, rhs.shape[1]
+  return pl.CostEstimate(flops=2 * m * a * b, transcendentals=0, bytes_accessed=(
+      _nbytes(lhs.shape, lhs.dtype) + _nbytes(rhs.shape, rhs.dtype)
+      + _nbytes((e, a, b), out_dtype)))
 
 
 def group_bounds(group_sizes: jax.Array, m: int):
