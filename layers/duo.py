@@ -54,9 +54,10 @@ Compute paths (`compute`):
     small-routed token of its row (which keep priority) if SMALL still has room; a token
     beyond SMALL's capacity is skipped. The layer reports the routes taken after overflow.
   * "sorted": no capacity, no overflow, the masked path's function (training and inference).
-    On TPU / GPU, tokens are sorted by route (`sort_by_route`) and both modules run by
-    `pallas_kernels.routed_ffn` at their own widths, skip rows last, then unsorted: forward
-    and backward cost the routed FLOPs. XLA has no grouped matmul that saves (routed_ffn's
+    On TPU / GPU, tokens are sorted by route and both modules run by
+    `pallas_kernels.routed_ffn` at their own widths, skip rows last, then unsorted
+    (`routed_ffn.ffn_by_route`, per shard under a device mesh): forward and backward cost the
+    routed FLOPs. XLA has no grouped matmul that saves (routed_ffn's
     reference masks), so under impl "xla" (and "auto" on CPU) the path runs, when the counts
     per row are static (`mix_exact` training routes), each row sorted small / big / skip and
     each FFN on a static slice of its n_small / n_big tokens (the routed FLOPs again), and
@@ -88,6 +89,7 @@ import pallas_kernels
 from layers.mlp import activation_fn, feed_forward, ffn_macs
 from layers.selection import capacity_tokens, first_by_priority, straight_through_zero
 from pallas_kernels import _dispatch
+from pallas_kernels.routed_ffn import ffn_by_route
 from pallas_kernels.routed_ffn.routing import permute_rows
 
 SKIP, SMALL, BIG = 0, 1, 2
@@ -352,13 +354,11 @@ class DuoFFN(nn.Module):
 
   def _sorted_kernel(self, x, routes, small, big):
     b, t, d_model = x.shape
-    flat = x.reshape(b * t, d_model)
-    # routed_ffn's groups: 0 = small, 1 = big; route - 1 sends SKIP to -1, the skip rows.
-    rows, order = pallas_kernels.sort_by_route(flat, routes.reshape(-1) - 1, 2)
     w_in, w_out, widths = pallas_kernels.stack_ffn_weights([small, big])
-    y = pallas_kernels.routed_ffn(rows, order.group_sizes, w_in, w_out, widths,
-                                  activation=self.activation, impl=self.impl)
-    return pallas_kernels.unsort_by_route(y, order).reshape(b, t, d_model)
+    # routed_ffn's groups: 0 = small, 1 = big; route - 1 sends SKIP to -1, the skip rows.
+    y = ffn_by_route(x.reshape(b * t, d_model), routes.reshape(-1) - 1, w_in, w_out, widths,
+                     activation=self.activation, impl=self.impl)
+    return y.reshape(b, t, d_model)
 
   def _sorted_static(self, x, routes, small, big, counts):
     """Each row sorted small, big, skip; the FFNs run on static slices of n_small and n_big

@@ -59,6 +59,8 @@ def gmm(lhs, rhs, group_sizes, *, k_limit=None, n_limit=None, transpose_rhs=Fals
   lo, hi = tile_groups(group_sizes, m, bm)
   starts, ends = reference.group_bounds(group_sizes, m)
   k_limit, n_limit = _limits(k_limit, e, k), _limits(n_limit, e, n)
+  operands = composed.match_varying(lo, hi, starts, ends, k_limit, n_limit, lhs, rhs)
+  lhs = operands[-2]
 
   def kernel(lo_ref, hi_ref, s_ref, e_ref, k_lim_ref, n_lim_ref, lhs_ref, rhs_ref, out_ref):
     i, j = pl.program_id(0), pl.program_id(1)
@@ -94,14 +96,14 @@ def gmm(lhs, rhs, group_sizes, *, k_limit=None, n_limit=None, transpose_rhs=Fals
 
   return pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((m, n), lhs.dtype),
+      out_shape=composed.out_struct((m, n), lhs.dtype, lhs),
       grid=(_common.cdiv(m, bm), _common.cdiv(n, bn)),
       in_specs=[_ANY] * 8,
       out_specs=_ANY,
       compiler_params=_common.triton_params(),
       cost_estimate=reference.gmm_cost(lhs, rhs, n),
       interpret=interpret,
-      name="routed_gmm")(lo, hi, starts, ends, k_limit, n_limit, lhs, rhs)
+      name="routed_gmm")(*operands)
 
 
 def tgmm(lhs, rhs, group_sizes, *, a_limit=None, b_limit=None, out_dtype=None,
@@ -114,6 +116,8 @@ def tgmm(lhs, rhs, group_sizes, *, a_limit=None, b_limit=None, out_dtype=None,
                 _common.gpu_block(b, block_n))
   starts, ends = reference.group_bounds(group_sizes, m)
   a_limit, b_limit = _limits(a_limit, e, a), _limits(b_limit, e, b)
+  operands = composed.match_varying(starts, ends, a_limit, b_limit, lhs, rhs)
+  lhs = operands[-2]
 
   def kernel(s_ref, e_ref, a_lim_ref, b_lim_ref, lhs_ref, rhs_ref, out_ref):
     ai, bi, g = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -140,14 +144,14 @@ def tgmm(lhs, rhs, group_sizes, *, a_limit=None, b_limit=None, out_dtype=None,
 
   return pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((e, a, b), out_dtype or lhs.dtype),
+      out_shape=composed.out_struct((e, a, b), out_dtype or lhs.dtype, lhs),
       grid=(_common.cdiv(a, ba), _common.cdiv(b, bb), e),
       in_specs=[_ANY] * 6,
       out_specs=_ANY,
       compiler_params=_common.triton_params(),
       cost_estimate=reference.tgmm_cost(lhs, rhs, e, out_dtype or lhs.dtype),
       interpret=interpret,
-      name="routed_tgmm")(starts, ends, a_limit, b_limit, lhs, rhs)
+      name="routed_tgmm")(*operands)
 
 
 def routed_ffn(x, group_sizes, w_in, w_out, widths, *, activation="gelu", block_m=64,

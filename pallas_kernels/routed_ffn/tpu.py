@@ -118,7 +118,8 @@ def gmm(lhs, rhs, group_sizes, *, k_limit=None, n_limit=None, transpose_rhs=Fals
   group, in_tile, out_tile, flags = schedule(group_sizes, m, tm, for_tgmm=False)
   starts, ends = reference.group_bounds(group_sizes, m)
   k_limit, n_limit = _limits(k_limit, e, k), _limits(n_limit, e, n)
-  prefetch = (group, in_tile, out_tile, flags, starts, ends, k_limit, n_limit)
+  *prefetch, lhs, rhs = composed.match_varying(group, in_tile, out_tile, flags, starts, ends,
+                                               k_limit, n_limit, lhs, rhs)
 
   def k_block(kk, v, g, flags_ref, k_lim_ref):
     # Past a group's k limit, and on visits that do not multiply, stay on the last block
@@ -181,7 +182,7 @@ def gmm(lhs, rhs, group_sizes, *, k_limit=None, n_limit=None, transpose_rhs=Fals
   rhs_block = (None, tn, tk) if transpose_rhs else (None, tk, tn)
   return pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((m, n), lhs.dtype),
+      out_shape=composed.out_struct((m, n), lhs.dtype, lhs),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=len(prefetch),
           grid=(n_grid, group.shape[0], k_grid),
@@ -208,7 +209,8 @@ def tgmm(lhs, rhs, group_sizes, *, a_limit=None, b_limit=None, out_dtype=None,
   group, tile, _, flags = schedule(group_sizes, m, tm, for_tgmm=True)
   starts, ends = reference.group_bounds(group_sizes, m)
   a_limit, b_limit = _limits(a_limit, e, a), _limits(b_limit, e, b)
-  prefetch = (group, tile, flags, starts, ends, a_limit, b_limit)
+  *prefetch, lhs, rhs = composed.match_varying(group, tile, flags, starts, ends, a_limit,
+                                               b_limit, lhs, rhs)
 
   def lhs_map(ai, bi, v, group_ref, tile_ref, *_):
     return tile_ref[v], ai
@@ -259,7 +261,7 @@ def tgmm(lhs, rhs, group_sizes, *, a_limit=None, b_limit=None, out_dtype=None,
 
   return pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((e, a, b), out_dtype or lhs.dtype),
+      out_shape=composed.out_struct((e, a, b), out_dtype or lhs.dtype, lhs),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=len(prefetch),
           grid=(_common.cdiv(a, ta), _common.cdiv(b, tb), group.shape[0]),
