@@ -61,7 +61,11 @@ Compute paths (`compute`):
     reference masks), so under impl "xla" (and "auto" on CPU) the path runs, when the counts
     per row are static (`mix_exact` training routes), each row sorted small / big / skip and
     each FFN on a static slice of its n_small / n_big tokens (the routed FLOPs again), and
-    otherwise the masked path's two FFNs.
+    otherwise (router, imposed or i.i.d. routes; a KV-cache decoding step's b rows)
+    `ragged_ffn`: tokens sorted by route, each FFN over its own tokens in fixed-size chunks in a
+    loop of traced trip count, so the forward pass does the routed work plus at most a chunk
+    per module; its backward is the masked path's (XLA's FLOP count of a while loop is one
+    trip, so `cost_analysis` does not show this saving; wall time does).
 
 Random routes with `mix_exact` (stage-1 training): with a `routing` rng, each row gets exactly
 round(p_small * t) small and round(p_big * t) big tokens at uniformly random positions, instead
@@ -165,6 +169,73 @@ def exact_mix_counts(mix: Sequence[float], t: int) -> Tuple[int, int]:
   n_big = round(mix[BIG] / total * t)
   n_small = min(round(mix[SMALL] / total * t), t - n_big)
   return n_small, n_big
+
+
+def _two_ffns_masked(x, routes, small, big, activation):
+  """Both FFNs on every row of x [m, d], selected by routes [m] (the masked path, flat)."""
+  act = activation_fn(activation)
+  y_small = act(x @ small[0]) @ small[1]
+  y_big = act(x @ big[0]) @ big[1]
+  r = routes[:, None]
+  return jnp.where(r == BIG, y_big, jnp.where(r == SMALL, y_small, jnp.zeros_like(y_big)))
+
+
+def ragged_chunk(m: int) -> int:
+  """Rows per chunk of `ragged_ffn` for m rows: a power of two in [8, 256], about m / 8, so a
+  module wastes at most one partial chunk (about 1/8 of the rows) on padding."""
+  return max(8, min(256, 1 << max(_cdiv(m, 8) - 1, 0).bit_length()))
+
+
+def _cdiv(a: int, b: int) -> int:
+  return -(-a // b)
+
+
+def ragged_ffn(x, routes, small, big, activation: str):
+  """Each row of x [m, d] through the FFN of its route (routes [m]; SKIP rows give 0), in XLA
+  with static shapes: rows sorted small / big / skip, then each module runs over its rows in
+  chunks of `ragged_chunk(m)` rows, in a loop whose trip count is the module's row count (a
+  while loop: the skipped and other-module rows cost nothing). The backward pass is the masked
+  path's (a while loop with a traced trip count has no reverse-mode derivative)."""
+  m, d = x.shape
+  chunk = ragged_chunk(m)
+  act = activation_fn(activation)
+
+  def forward(x, routes, small, big):
+    order = jnp.argsort(jnp.where(routes == SKIP, NUM_ROUTES, routes), stable=True)
+    rows = jnp.concatenate([x[order], jnp.zeros((chunk, d), x.dtype)])
+    out = jnp.zeros_like(rows)
+    start = jnp.zeros((), jnp.int32)
+    for route, (w_in, w_out) in ((SMALL, small), (BIG, big)):
+      count = jnp.sum(routes == route).astype(jnp.int32)
+
+      def one_chunk(i, out, start=start, count=count, w_in=w_in, w_out=w_out):
+        first = start + i * chunk
+        y = act(jax.lax.dynamic_slice_in_dim(rows, first, chunk) @ w_in) @ w_out
+        keep = (i * chunk + jnp.arange(chunk) < count)[:, None]
+        old = jax.lax.dynamic_slice_in_dim(out, first, chunk)
+        return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(keep, y, old), first, 0)
+
+      out = jax.lax.fori_loop(0, (count + chunk - 1) // chunk, one_chunk, out)
+      start = start + count
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(m, dtype=order.dtype))
+    return out[:m][inverse]
+
+  @jax.custom_vjp
+  def ffn(x, routes, small, big):
+    return forward(x, routes, small, big)
+
+  def ffn_fwd(x, routes, small, big):
+    return forward(x, routes, small, big), (x, routes, small, big)
+
+  def ffn_bwd(res, g):
+    x, routes, small, big = res
+    _, vjp = jax.vjp(lambda x, small, big: _two_ffns_masked(x, routes, small, big, activation),
+                     x, small, big)
+    dx, d_small, d_big = vjp(g)
+    return dx, None, d_small, d_big
+
+  ffn.defvjp(ffn_fwd, ffn_bwd)
+  return ffn(x, routes, small, big)
 
 
 class DuoFFN(nn.Module):
@@ -332,11 +403,13 @@ class DuoFFN(nn.Module):
   def _sorted(self, x, routes, small, big, straight, counts):
     """routed_ffn's kernels on TPU / GPU. On XLA (impl 'xla', or 'auto' on CPU), where
     routed_ffn's reference would run both modules at the big width for every token: per-row
-    static slices when the per-row counts are static (`counts`, from mix_exact), else the
-    masked path's two FFNs. All three are one function, straight-through term included."""
+    static slices when the per-row counts are static (`counts`, from mix_exact), else
+    `ragged_ffn`. All three are one function, straight-through term included."""
     kernel = lambda x, routes: self._sorted_kernel(x, routes, small, big)
     if counts is None:
-      fallback = lambda x, routes: self._masked(x, routes, small, big, None)
+      fallback = lambda x, routes: ragged_ffn(
+          x.reshape(-1, x.shape[-1]), routes.reshape(-1), small, big, self.activation).reshape(
+              x.shape)
     else:
       fallback = lambda x, routes: self._sorted_static(x, routes, small, big, counts)
     impl = _dispatch.resolve(self.impl)

@@ -1,4 +1,5 @@
 """DuoFFN (Duo-LLM): big / small / skip routing per token, its compute paths and accounting."""
+import dataclasses
 import functools
 import math
 
@@ -497,3 +498,37 @@ def test_stage1_config_trains_sorted_on_the_masked_loss_curve():
   sorted_losses = _stage1_losses("sorted")
   np.testing.assert_allclose(sorted_losses, _stage1_losses("masked"), rtol=1e-5, atol=1e-5)
   assert sorted_losses[-1] < sorted_losses[0]
+
+
+DECODE_CFG = DecoderConfig(vocab_size=50, num_layers=3, d_model=32, num_heads=2, head_dim=16,
+                           d_ff=64, max_len=32,
+                           ffn_cls=functools.partial(DuoFFN, mode="router", compute="sorted"))
+
+
+@pytest.mark.parametrize("impl", ["xla", "interpret"])
+@pytest.mark.parametrize("skip", [False, True], ids=["all_layers", "skipdecode"])
+def test_kv_cache_decoding_of_router_routes_equals_the_full_pass(impl, skip):
+  """Router decoding with routed compute (the decode step's b rows sorted by route: ragged_ffn
+  on XLA, routed_ffn's kernels otherwise) gives the teacher-forced full pass's logits (the
+  masked path), with every layer or under a SkipDecode schedule (its layer-masked pass)."""
+  from adacomp import decoding  # pylint: disable=g-import-not-at-top
+  from adacomp.methods.skipdecode import schedule as skip_schedule  # pylint: disable=g-import-not-at-top
+  tokens = jax.random.randint(jax.random.key(3), (4, 10), 0, 50)
+  cfg = dataclasses.replace(DECODE_CFG, ffn_cls=functools.partial(
+      DuoFFN, mode="router", compute="sorted", impl=impl))
+  masked = dataclasses.replace(DECODE_CFG, ffn_cls=functools.partial(DuoFFN, mode="router"))
+  params = _params(DecoderLM(masked), tokens)
+  n = DECODE_CFG.num_layers
+  if skip:
+    schedule = skip_schedule.linear_skip_schedule(10, n, min_active=1, warmup_len=3,
+                                                  warmup_layers=1)
+    mask = jnp.asarray(skip_schedule.active_layer_mask(schedule, n, warmup_layers=1))
+  else:
+    schedule, mask = skip_schedule.full_schedule(10, n), None
+  want, state = jax.jit(functools.partial(DecoderLM(masked).apply, mutable=["intermediates"]))(
+      {"params": params}, tokens, layer_mask=mask)
+  routes = np.asarray(state["intermediates"]["blocks"]["ffn"]["routes"][0])
+  assert set(routes.ravel()) == {SKIP, SMALL, BIG}   # every route occurs: not vacuous
+  got = decoding.teacher_forced_logits(decoding.Decoder(cfg, warmup_layers=1), params, tokens,
+                                       schedule, prompt_len=3)
+  np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
