@@ -44,15 +44,15 @@ MIXES = [(0.0, 0.0, 1.0), (0.0, 0.5, 0.5), (0.2, 0.3, 0.5), (0.0, 0.75, 0.25),
 
 
 def draw_routes(key, shape, mix):
-  """Routes with exactly round(p * n) tokens per route in each layer, shuffled."""
-  *lead, b, t = shape
-  n = b * t
-  counts = np.round(np.asarray(mix) * n).astype(int)
-  counts[BIG] = n - counts[SKIP] - counts[SMALL]
+  """Routes with exactly round(p * t) tokens per route in each sequence row, shuffled: the
+  gather path's per-row capacities equal to the mix never bind."""
+  *lead, t = shape
+  counts = np.round(np.asarray(mix) * t).astype(int)
+  counts[BIG] = t - counts[SKIP] - counts[SMALL]
   base = np.concatenate([np.full(c, r, np.int32) for r, c in
                          zip((SKIP, SMALL, BIG), counts)])
   rng = np.random.default_rng(int(jax.random.randint(key, (), 0, 2 ** 31 - 1)))
-  rows = [rng.permutation(base) for _ in range(int(np.prod(lead)) if lead else 1)]
+  rows = [rng.permutation(base) for _ in range(int(np.prod(lead)))]
   return jnp.asarray(np.stack(rows).reshape(shape))
 
 
