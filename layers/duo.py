@@ -18,11 +18,12 @@ Routes come, in order of precedence, from
 
 Choices the paper leaves open, made here (each one an attribute, so a gin parameter):
   * Random routes are drawn from the `routing` rng stream when the caller gives one (training;
-    `nn.scan` splits it per layer); otherwise from fold_in(jax.random.key(seed), layer), the
-    block's index passed in by the decoder (`layer`, scanned with the blocks), so evaluation is
-    deterministic and every layer gets its own pattern. A draw is per call, so a KV-cache
-    decoding loop (one position per call) does not reproduce the full forward pass's pattern;
-    impose `routes` there too.
+    `nn.scan` splits it per layer), i.i.d. per token (or `mix_exact`, below); otherwise
+    (evaluation) each token's route is drawn from fold_in(fold_in(jax.random.key(seed), layer),
+    position), with the block's index (`layer`, scanned with the blocks) and the token's
+    position passed in by the block: deterministic, its own pattern per layer, the same in
+    every row of a batch (a row's routes never depend on the others), and a KV-cache decoding
+    step draws exactly the full forward pass's route for its position.
   * Router: logits = W_r x (+ b_r), a linear map d -> 3 from the FFN's input (the normed hidden
     state), or d -> router_hidden -> ReLU -> 3 when `router_hidden` is set (the SkipGPT form).
     It runs in float32, because a routing decision should not flip with bf16 rounding.
@@ -71,7 +72,7 @@ Random routes with `mix_exact` (stage-1 training): with a `routing` rng, each ro
 round(p_small * t) small and round(p_big * t) big tokens at uniformly random positions, instead
 of i.i.d. draws: every token's marginal route probability is still the mix (up to rounding),
 and the static per-row counts let XLA compute only the routed tokens. Evaluation draws (no
-rng) stay i.i.d. per token, so a token's route does not depend on the row's length.
+rng) stay the per-position draws above, so a token's route does not depend on the row's length.
 
 Sown intermediates: `routes` (int32 [b, t], the routes taken) and `macs` (float32 [b, t]):
 ffn_macs(d, d_ff) for BIG, ffn_macs(d, d_ff_small) for SMALL, 0 for SKIP, plus the router's
@@ -280,8 +281,10 @@ class DuoFFN(nn.Module):
   mix_exact: bool = False
   impl: Optional[str] = None
 
-  # DecoderBlock passes its layer index to FFNs that declare this (not a dataclass field).
+  # DecoderBlock passes its layer index and the token positions to FFNs that declare these
+  # (not dataclass fields).
   takes_layer = True
+  takes_positions = True
 
   def _check(self, x):
     if self.mode not in MODES:
@@ -301,7 +304,7 @@ class DuoFFN(nn.Module):
       w_in, w_out = jax.lax.stop_gradient(w_in), jax.lax.stop_gradient(w_out)
     return w_in.astype(self.dtype), w_out.astype(self.dtype)
 
-  def _decide(self, shape, logits, layer):
+  def _decide(self, shape, logits, layer, positions):
     """Routes int32 [b, t] and the straight-through term (zero-valued, [b, t, 3]) or None."""
     if self.mode == "router":
       if not self.has_rng("routing"):
@@ -312,13 +315,19 @@ class DuoFFN(nn.Module):
       soft = jax.nn.softmax((logits + noise) / self.temperature, axis=-1)
       return jnp.argmax(soft, -1).astype(jnp.int32), straight_through_zero(soft)
     if self.mode == "random":
-      # Without a routing rng the seed key alone would give every scanned layer one pattern.
-      key = (self.make_rng("routing") if self.has_rng("routing") else
-             jax.random.fold_in(jax.random.key(self.seed), layer))
-      if self.mix_exact and self.has_rng("routing"):
-        return exact_mix_routes(key, shape, self.mix), None
       mix = jnp.asarray(self.mix, jnp.float32)
-      routes = jax.random.categorical(key, jnp.log(mix / jnp.sum(mix)), shape=shape)
+      log_mix = jnp.log(mix / jnp.sum(mix))
+      if not self.has_rng("routing"):
+        # Evaluation: a function of (seed, layer, position) only, so every layer draws its own
+        # pattern, a row's routes do not depend on the batch, and a KV-cache decoding step
+        # draws the full pass's route for its position.
+        base = jax.random.fold_in(jax.random.key(self.seed), layer)
+        draw = lambda p: jax.random.categorical(jax.random.fold_in(base, p), log_mix)
+        return jax.vmap(jax.vmap(draw))(positions).astype(jnp.int32), None
+      key = self.make_rng("routing")
+      if self.mix_exact:
+        return exact_mix_routes(key, shape, self.mix), None
+      routes = jax.random.categorical(key, log_mix, shape=shape)
       return routes.astype(jnp.int32), None
     fixed = {"skip": SKIP, "small": SMALL, "big": BIG}[self.mode]
     return jnp.full(shape, fixed, jnp.int32), None
@@ -329,9 +338,11 @@ class DuoFFN(nn.Module):
     return self.budget_weight * jnp.sum(jnp.square(fractions - target))
 
   @nn.compact
-  def __call__(self, x, routes=None, layer=0):
+  def __call__(self, x, routes=None, layer=0, positions=None):
     """x: [b, t, d]; routes: optional int [b, t] in {SKIP, SMALL, BIG}; layer: the block's
-    index (int or traced int32), folded into random mode's seed key. Returns y [b, t, d]."""
+    index (int or traced int32), folded into random mode's seed key; positions: int [b, t]
+    (default 0..t-1 in every row), folded into evaluation-time random routes' key.
+    Returns y [b, t, d]."""
     self._check(x)
     b, t, d_model = x.shape
     d_small = self.d_ff // 4 if self.d_ff_small is None else self.d_ff_small
@@ -345,7 +356,9 @@ class DuoFFN(nn.Module):
     if routes is not None:
       routes = jnp.asarray(routes, jnp.int32)
     else:
-      routes, straight = self._decide((b, t), logits, layer)
+      if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+      routes, straight = self._decide((b, t), logits, layer, positions)
       if self.mode == "random" and self.mix_exact and self.has_rng("routing"):
         counts = exact_mix_counts(self.mix, t)
     if routed_by_router:

@@ -150,8 +150,9 @@ def test_random_route_frequencies_match_mix(p):
 
 
 def test_evaluation_random_routes_are_seeded_independent_per_layer_and_follow_the_mix():
-  """No routing rng (evaluation): each scanned layer draws its own seeded pattern."""
-  mix, num_layers, b, t = np.array([0.2, 0.3, 0.5]), 4, 8, 128
+  """No routing rng (evaluation): each scanned layer draws its own seeded pattern over the
+  positions, the same in every row (a function of seed, layer and position)."""
+  mix, num_layers, b, t = np.array([0.2, 0.3, 0.5]), 4, 2, 512
   cfg = DecoderConfig(vocab_size=40, num_layers=num_layers, d_model=16, num_heads=2,
                       head_dim=8, d_ff=32, max_len=t,
                       ffn_cls=functools.partial(DuoFFN, mode="random", mix=tuple(mix)))
@@ -169,20 +170,20 @@ def test_evaluation_random_routes_are_seeded_independent_per_layer_and_follow_th
   params = _params(DecoderLM(cfg), ids)
   routes = routes_of(cfg, params)
   np.testing.assert_array_equal(routes, routes_of(cfg, params))  # deterministic
+  np.testing.assert_array_equal(routes[:, 0], routes[:, 1])      # rows share the positions' draws
   unrolled = DecoderConfig(**{**cfg.__dict__, "scan_layers": False})
   np.testing.assert_array_equal(routes, routes_of(unrolled, _scan_to_unrolled(params, num_layers)))
-  n = b * t
   for layer in range(num_layers):
-    counts = np.bincount(routes[layer].ravel(), minlength=3)
+    counts = np.bincount(routes[layer, 0], minlength=3)
     # 4.5 binomial standard deviations per route: a false alarm about once in 10^5.
-    np.testing.assert_array_less(np.abs(counts - n * mix), 4.5 * np.sqrt(n * mix * (1 - mix)))
-  # Independent layers agree on a token with probability sum_m p_m^2 = 0.38; one shared
+    np.testing.assert_array_less(np.abs(counts - t * mix), 4.5 * np.sqrt(t * mix * (1 - mix)))
+  # Independent layers agree on a position with probability sum_m p_m^2 = 0.38; one shared
   # pattern (the seed key without the layer) would agree everywhere.
   agree_p = float(np.sum(mix ** 2))
   for i in range(num_layers):
     for j in range(i + 1, num_layers):
-      agree = np.mean(routes[i] == routes[j])
-      assert abs(agree - agree_p) < 4.5 * np.sqrt(agree_p * (1 - agree_p) / n), (i, j, agree)
+      agree = np.mean(routes[i, 0] == routes[j, 0])
+      assert abs(agree - agree_p) < 4.5 * np.sqrt(agree_p * (1 - agree_p) / t), (i, j, agree)
   other_seed = DecoderConfig(**{**cfg.__dict__, "ffn_cls": functools.partial(
       DuoFFN, mode="random", mix=tuple(mix), seed=1)})
   assert np.mean(routes_of(other_seed, params) == routes) < 0.5
@@ -506,17 +507,19 @@ DECODE_CFG = DecoderConfig(vocab_size=50, num_layers=3, d_model=32, num_heads=2,
 
 
 @pytest.mark.parametrize("impl", ["xla", "interpret"])
-@pytest.mark.parametrize("skip", [False, True], ids=["all_layers", "skipdecode"])
-def test_kv_cache_decoding_of_router_routes_equals_the_full_pass(impl, skip):
-  """Router decoding with routed compute (the decode step's b rows sorted by route: ragged_ffn
-  on XLA, routed_ffn's kernels otherwise) gives the teacher-forced full pass's logits (the
-  masked path), with every layer or under a SkipDecode schedule (its layer-masked pass)."""
+@pytest.mark.parametrize("mode, skip", [("router", False), ("router", True), ("random", False),
+                                        ("random", True)])
+def test_kv_cache_decoding_equals_the_full_pass(mode, skip, impl):
+  """Decoding with routed compute (the decode step's b rows sorted by route: ragged_ffn on XLA,
+  routed_ffn's kernels otherwise) gives the teacher-forced full pass's logits (the masked
+  path), for router and evaluation-time random routes, with every layer or under a SkipDecode
+  schedule (its layer-masked pass)."""
   from adacomp import decoding  # pylint: disable=g-import-not-at-top
   from adacomp.methods.skipdecode import schedule as skip_schedule  # pylint: disable=g-import-not-at-top
   tokens = jax.random.randint(jax.random.key(3), (4, 10), 0, 50)
   cfg = dataclasses.replace(DECODE_CFG, ffn_cls=functools.partial(
-      DuoFFN, mode="router", compute="sorted", impl=impl))
-  masked = dataclasses.replace(DECODE_CFG, ffn_cls=functools.partial(DuoFFN, mode="router"))
+      DuoFFN, mode=mode, compute="sorted", impl=impl))
+  masked = dataclasses.replace(DECODE_CFG, ffn_cls=functools.partial(DuoFFN, mode=mode))
   params = _params(DecoderLM(masked), tokens)
   n = DECODE_CFG.num_layers
   if skip:
