@@ -75,7 +75,9 @@ class Decoder:
     c = jax.tree_util.tree_map_with_path(
         lambda path, a: (jnp.asarray(position, a.dtype) if path[-1].key == "cache_index"
                          else a), c)
-    positions = jnp.zeros(x.shape[:2], jnp.int32)
+    # Attention in decode mode takes its positions from cache_index; FFNs keyed by position
+    # (Duo's evaluation-time random routes) need the real ones.
+    positions = position + jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
     y, mutated = self.block.apply({"params": p, "cache": c}, x, positions, layer=layer,
                                   mutable=["cache"])
     cache = jax.tree.map(

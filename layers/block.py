@@ -50,7 +50,8 @@ class DecoderBlock(nn.Module):
     for that token (its output is discarded; the computation still runs, as in training).
     routes: optional int [b, t] routing decisions imposed on the FFN (adaptive FFNs take a
     `routes` keyword; None lets the FFN decide). layer: this block's index (int or traced
-    int32), passed to FFNs that declare `takes_layer` (seeded per-layer random routes)."""
+    int32), passed to FFNs that declare `takes_layer` (seeded per-layer random routes);
+    `positions` goes to FFNs that declare `takes_positions`."""
     x_in = x
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     norm_kw = dict(kw, epsilon=self.norm_epsilon)
@@ -72,6 +73,8 @@ class DecoderBlock(nn.Module):
     ffn_kw = {} if routes is None else {"routes": routes}
     if layer is not None and getattr(ffn, "takes_layer", False):
       ffn_kw["layer"] = layer
+    if getattr(ffn, "takes_positions", False):
+      ffn_kw["positions"] = positions
     y = ffn(y, **ffn_kw)
     x = x + y
     if active is not None:
