@@ -8,6 +8,7 @@ the router stage (configs/duo_router.gin) train from it.
 import glob
 import json
 import os
+import pathlib
 
 import flax.linen as nn
 import gin
@@ -32,7 +33,8 @@ def _char_tokenizer(corpus_glob: str, directory: str) -> list:
   """Gin bindings of a character-level `tokenizer.json` of the corpus: the GPT-2 fixture's
   vocabulary (96 ids) is too small for the byte tokenizer (259) and it has no tokenizer."""
   from tokenizers import Tokenizer, models  # pylint: disable=g-import-not-at-top
-  text = "".join(open(f, encoding="utf-8").read() for f in sorted(glob.glob(corpus_glob)))
+  text = "".join(pathlib.Path(f).read_text(encoding="utf-8")
+                 for f in sorted(glob.glob(corpus_glob)))
   vocab = {t: i for i, t in enumerate(SPECIALS + tuple(sorted(set(text))))}
   assert len(vocab) <= 96
   tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
@@ -68,8 +70,8 @@ def _hf_ffn(family: str) -> dict:
   hf = {}
   for f in glob.glob(os.path.join(fixture(family), "*.safetensors")):
     hf.update(load_file(f))
-  n = json.load(open(os.path.join(fixture(family), "config.json")))[
-      "n_layer" if family == "gpt2" else "num_hidden_layers"]
+  config = json.loads(pathlib.Path(fixture(family), "config.json").read_text(encoding="utf-8"))
+  n = config["n_layer" if family == "gpt2" else "num_hidden_layers"]
   if family == "gpt2":  # Conv1D weights are stored [in, out] already
     names = {"wi": "mlp.c_fc.weight", "bi": "mlp.c_fc.bias", "wo": "mlp.c_proj.weight",
              "bo": "mlp.c_proj.bias"}
