@@ -8,7 +8,11 @@ auxiliary FFN. For a token x and its route r in {SKIP, SMALL, BIG}:
     y = FFN_small(x)  = W_out_s act(W_in_s x)           if r = SMALL  (width d_ff_small)
     y = 0                                               if r = SKIP
 
-and the block's residual adds y, so SKIP makes the FFN part of the layer the identity.
+and the block's residual adds y, so SKIP makes the FFN part of the layer the identity. Both FFNs
+take the model's FFN form (`gated`, `use_bias`, set by the block from DecoderConfig.ffn_gated /
+mlp_bias like `DenseFFN`'s): gated, W_out (act(W_gate x + b_gate) * (W_in x + b_in)) + b_out
+(SwiGLU / GeGLU, the biases only with `use_bias`), so a pretrained Llama's or GPT-2's FFN is the
+big one.
 
 Routes come, in order of precedence, from
   * `routes` passed in (int [b, t]): imposed from outside (oracles, ablations), honoured exactly;
@@ -66,7 +70,8 @@ Compute paths (`compute`):
     `ragged_ffn`: tokens sorted by route, each FFN over its own tokens in fixed-size chunks in a
     loop of traced trip count, so the forward pass does the routed work plus at most a chunk
     per module; its backward is the masked path's (XLA's FLOP count of a while loop is one
-    trip, so `cost_analysis` does not show this saving; wall time does).
+    trip, so `cost_analysis` does not show this saving; wall time does). routed_ffn's kernels
+    take plain FFNs only: a gated or biased Duo runs these XLA paths on every platform.
 
 Random routes with `mix_exact` (stage-1 training): with a `routing` rng, each row gets exactly
 round(p_small * t) small and round(p_big * t) big tokens at uniformly random positions, instead
@@ -75,14 +80,18 @@ and the static per-row counts let XLA compute only the routed tokens. Evaluation
 rng) stay the per-position draws above, so a token's route does not depend on the row's length.
 
 Sown intermediates: `routes` (int32 [b, t], the routes taken) and `macs` (float32 [b, t]):
-ffn_macs(d, d_ff) for BIG, ffn_macs(d, d_ff_small) for SMALL, 0 for SKIP, plus the router's
+ffn_macs(d, d_ff) for BIG, ffn_macs(d, d_ff_small) for SMALL (both 1.5x when gated, the gate's
+projection, as `DenseFFN` counts it), 0 for SKIP, plus the router's
 d*h + h*3 (or d*3) when the router decided. These are what the routes cost at inference; the
 masked path computes both FFNs for every token (training) but reports the same numbers, and
 the gather path's unused capacity slots are not charged to any token.
 
-Parameters: `wi`, `wo` (the big FFN, named like `DenseFFN`'s so a dense checkpoint maps onto
-it), `wi_small`, `wo_small`, and `router/...`; float32 with logical axis names.
+Parameters: the big FFN's `wi`, `wo` (and `wi_gate`, `bi`, `bi_gate`, `bo` when gated / biased),
+named and shaped like `DenseFFN`'s so a dense checkpoint's FFN loads as the big FFN
+(`train.init_checkpoint`); the small FFN's, the same names with `_small` (`wi_small`,
+`wi_gate_small`, `bo_small`, ...); and `router/...`; float32 with logical axis names.
 """
+import functools
 from typing import Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -91,7 +100,7 @@ import jax.numpy as jnp
 from jax.typing import DTypeLike
 
 import pallas_kernels
-from layers.mlp import activation_fn, feed_forward, ffn_macs
+from layers.mlp import activation_fn, ffn_macs
 from layers.selection import capacity_tokens, first_by_priority, straight_through_zero
 from pallas_kernels import _dispatch
 from pallas_kernels.routed_ffn import ffn_by_route
@@ -172,11 +181,37 @@ def exact_mix_counts(mix: Sequence[float], t: int) -> Tuple[int, int]:
   return n_small, n_big
 
 
+def ffn_apply(x, p, activation: str, project_in=None):
+  """`DenseFFN`'s function of x [..., d] with its parameter names: p holds `wi`, `wo` and, when
+  the FFN has them, `wi_gate` (gated: W_out (act(W_gate x + b_gate) * (W_in x + b_in))) and the
+  biases `bi`, `bi_gate`, `bo`. project_in(w) computes x @ w (default: the einsum; the gather
+  path passes its gathered matmul, then x is only used for its rank)."""
+  if project_in is None:
+    project_in = lambda w: jnp.einsum("...d,df->...f", x, w)
+
+  def project(suffix):
+    h = project_in(p["wi" + suffix])
+    return h + p["bi" + suffix] if "bi" + suffix in p else h
+
+  gated = "wi_gate" in p
+  h = activation_fn(activation)(project("_gate" if gated else ""))
+  if gated:
+    h = h * project("")
+  if h.ndim == 3:
+    h = nn.with_logical_constraint(h, ("act_batch", "act_length", "act_mlp"))
+  y = jnp.einsum("...f,fd->...d", h, p["wo"])
+  return y + p["bo"] if "bo" in p else y
+
+
+def _plain(p) -> bool:
+  """Whether the FFN p is plain, W_out act(W_in x): no gate, no biases."""
+  return set(p) == {"wi", "wo"}
+
+
 def _two_ffns_masked(x, routes, small, big, activation):
   """Both FFNs on every row of x [m, d], selected by routes [m] (the masked path, flat)."""
-  act = activation_fn(activation)
-  y_small = act(x @ small[0]) @ small[1]
-  y_big = act(x @ big[0]) @ big[1]
+  y_small = ffn_apply(x, small, activation)
+  y_big = ffn_apply(x, big, activation)
   r = routes[:, None]
   return jnp.where(r == BIG, y_big, jnp.where(r == SMALL, y_small, jnp.zeros_like(y_big)))
 
@@ -192,26 +227,26 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def ragged_ffn(x, routes, small, big, activation: str):
-  """Each row of x [m, d] through the FFN of its route (routes [m]; SKIP rows give 0), in XLA
+  """Each row of x [m, d] through the FFN of its route (routes [m]; SKIP rows give 0; small and
+  big: `ffn_apply` parameter dicts), in XLA
   with static shapes: rows sorted small / big / skip, then each module runs over its rows in
   chunks of `ragged_chunk(m)` rows, in a loop whose trip count is the module's row count (a
   while loop: the skipped and other-module rows cost nothing). The backward pass is the masked
   path's (a while loop with a traced trip count has no reverse-mode derivative)."""
   m, d = x.shape
   chunk = ragged_chunk(m)
-  act = activation_fn(activation)
 
   def forward(x, routes, small, big):
     order = jnp.argsort(jnp.where(routes == SKIP, NUM_ROUTES, routes), stable=True)
     rows = jnp.concatenate([x[order], jnp.zeros((chunk, d), x.dtype)])
     out = jnp.zeros_like(rows)
     start = jnp.zeros((), jnp.int32)
-    for route, (w_in, w_out) in ((SMALL, small), (BIG, big)):
+    for route, weights in ((SMALL, small), (BIG, big)):
       count = jnp.sum(routes == route).astype(jnp.int32)
 
-      def one_chunk(i, out, start=start, count=count, w_in=w_in, w_out=w_out):
+      def one_chunk(i, out, start=start, count=count, weights=weights):
         first = start + i * chunk
-        y = act(jax.lax.dynamic_slice_in_dim(rows, first, chunk) @ w_in) @ w_out
+        y = ffn_apply(jax.lax.dynamic_slice_in_dim(rows, first, chunk), weights, activation)
         keep = (i * chunk + jnp.arange(chunk) < count)[:, None]
         old = jax.lax.dynamic_slice_in_dim(out, first, chunk)
         return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(keep, y, old), first, 0)
@@ -256,6 +291,8 @@ class DuoFFN(nn.Module):
     budget: (f_skip, f_small, f_big) target mean route probabilities of router mode.
     budget_weight: weight of the budget loss.
     train_router_only: stop gradients into the FFN weights.
+    gated: both FFNs gated, W_out (act(W_gate x) * W_in x) (SwiGLU / GeGLU), as `DenseFFN`'s.
+    use_bias: both FFNs with biases on their projections, as `DenseFFN`'s.
     capacity: (c_small, c_big) fractions of each sequence row's t tokens each module can take
       in the gather path (ceil(c * t) slots per row); None: every token fits.
     mix_exact: random mode draws exactly round(p * t) tokens of each route per row, in a
@@ -280,6 +317,8 @@ class DuoFFN(nn.Module):
   capacity: Optional[Tuple[float, float]] = None
   mix_exact: bool = False
   impl: Optional[str] = None
+  gated: bool = False
+  use_bias: bool = False
 
   # DecoderBlock passes its layer index and the token positions to FFNs that declare these
   # (not dataclass fields).
@@ -295,14 +334,23 @@ class DuoFFN(nn.Module):
       raise ValueError(f"DuoFFN needs x [batch, length, d_model]; got {x.shape}.")
 
   def _weights(self, d_model: int, width: int, suffix: str):
-    init = self.kernel_init
-    w_in = self.param("wi" + suffix, nn.with_logical_partitioning(init, ("embed", "mlp")),
-                      (d_model, width), self.param_dtype)
-    w_out = self.param("wo" + suffix, nn.with_logical_partitioning(init, ("mlp", "embed")),
-                       (width, d_model), self.param_dtype)
-    if self.train_router_only:
-      w_in, w_out = jax.lax.stop_gradient(w_in), jax.lax.stop_gradient(w_out)
-    return w_in.astype(self.dtype), w_out.astype(self.dtype)
+    """One FFN's parameters as an `ffn_apply` dict, named like `DenseFFN`'s plus `suffix`."""
+    init, zeros = self.kernel_init, nn.initializers.zeros_init()
+    shapes = {"wi": ((d_model, width), ("embed", "mlp"), init),
+              "wo": ((width, d_model), ("mlp", "embed"), init)}
+    if self.gated:
+      shapes["wi_gate"] = ((d_model, width), ("embed", "mlp"), init)
+    if self.use_bias:
+      shapes["bi"] = ((width,), ("mlp",), zeros)
+      shapes["bo"] = ((d_model,), ("embed",), zeros)
+      if self.gated:
+        shapes["bi_gate"] = ((width,), ("mlp",), zeros)
+    p = {}
+    for name, (shape, axes, initializer) in shapes.items():
+      w = self.param(name + suffix, nn.with_logical_partitioning(initializer, axes), shape,
+                     self.param_dtype)
+      p[name] = (jax.lax.stop_gradient(w) if self.train_router_only else w).astype(self.dtype)
+    return p
 
   def _decide(self, shape, logits, layer, positions):
     """Routes int32 [b, t] and the straight-through term (zero-valued, [b, t, 3]) or None."""
@@ -371,8 +419,9 @@ class DuoFFN(nn.Module):
     else:
       y, taken = self._sorted(x, routes, small, big, straight, counts), routes
 
-    macs = jnp.where(taken == BIG, float(ffn_macs(d_model, self.d_ff)),
-                     jnp.where(taken == SMALL, float(ffn_macs(d_model, d_small)), 0.0))
+    gate = 1.5 if self.gated else 1  # the gate's projection, as DenseFFN counts it
+    macs = jnp.where(taken == BIG, float(ffn_macs(d_model, self.d_ff) * gate),
+                     jnp.where(taken == SMALL, float(ffn_macs(d_model, d_small) * gate), 0.0))
     if routed_by_router:
       macs = macs + float(router.macs(d_model))
     self.sow("intermediates", "routes", taken)
@@ -380,8 +429,8 @@ class DuoFFN(nn.Module):
     return y
 
   def _masked(self, x, routes, small, big, straight):
-    y_small = feed_forward(x, *small, self.activation)
-    y_big = feed_forward(x, *big, self.activation)
+    y_small = ffn_apply(x, small, self.activation)
+    y_big = ffn_apply(x, big, self.activation)
     r = routes[..., None]
     y = jnp.where(r == BIG, y_big, jnp.where(r == SMALL, y_small, jnp.zeros_like(y_big)))
     if straight is not None:
@@ -397,12 +446,11 @@ class DuoFFN(nn.Module):
     flat = x.reshape(b * t, d_model)
     st = None if straight is None else straight.reshape(b * t, NUM_ROUTES).astype(x.dtype)
     out = jnp.zeros_like(flat)
-    for route, (w_in, w_out), (idx, valid) in zip((SMALL, BIG), (small, big), slots):
+    for route, weights, (idx, valid) in zip((SMALL, BIG), (small, big), slots):
       if idx.shape[0] == 0:
         continue
-      h = activation_fn(self.activation)(
-          pallas_kernels.gather_matmul(flat, idx, w_in, impl=self.impl))
-      y = jnp.dot(h, w_out)
+      y = ffn_apply(flat, weights, self.activation, project_in=functools.partial(
+          pallas_kernels.gather_matmul, flat, idx, impl=self.impl))
       if st is not None:
         # Only the taken module was computed here, so only its term of the masked path's
         # straight-through sum exists (zero in value, as there).
@@ -417,7 +465,9 @@ class DuoFFN(nn.Module):
     """routed_ffn's kernels on TPU / GPU. On XLA (impl 'xla', or 'auto' on CPU), where
     routed_ffn's reference would run both modules at the big width for every token: per-row
     static slices when the per-row counts are static (`counts`, from mix_exact), else
-    `ragged_ffn`. All three are one function, straight-through term included."""
+    `ragged_ffn`. All three are one function, straight-through term included. routed_ffn's
+    kernels take plain FFNs only, so a gated or biased Duo runs the XLA paths on every
+    platform (they compute the routed tokens only as well)."""
     kernel = lambda x, routes: self._sorted_kernel(x, routes, small, big)
     if counts is None:
       fallback = lambda x, routes: ragged_ffn(
@@ -426,7 +476,7 @@ class DuoFFN(nn.Module):
     else:
       fallback = lambda x, routes: self._sorted_static(x, routes, small, big, counts)
     impl = _dispatch.resolve(self.impl)
-    if impl == "xla":
+    if impl == "xla" or not (_plain(small) and _plain(big)):
       y = fallback(x, routes)
     elif impl == "auto":
       y = jax.lax.platform_dependent(x, routes, tpu=kernel, cuda=kernel, default=fallback)
@@ -440,7 +490,8 @@ class DuoFFN(nn.Module):
 
   def _sorted_kernel(self, x, routes, small, big):
     b, t, d_model = x.shape
-    w_in, w_out, widths = pallas_kernels.stack_ffn_weights([small, big])
+    w_in, w_out, widths = pallas_kernels.stack_ffn_weights(
+        [(small["wi"], small["wo"]), (big["wi"], big["wo"])])
     # routed_ffn's groups: 0 = small, 1 = big; route - 1 sends SKIP to -1, the skip rows.
     y = ffn_by_route(x.reshape(b * t, d_model), routes.reshape(-1) - 1, w_in, w_out, widths,
                      activation=self.activation, impl=self.impl)
@@ -456,7 +507,7 @@ class DuoFFN(nn.Module):
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(b * t, dtype=jnp.int32))
     rows = permute_rows(x.reshape(b * t, d_model), order, inverse).reshape(b, t, d_model)
     y = jnp.concatenate([
-        feed_forward(rows[:, :n_small], *small, self.activation),
-        feed_forward(rows[:, n_small:n_small + n_big], *big, self.activation),
+        ffn_apply(rows[:, :n_small], small, self.activation),
+        ffn_apply(rows[:, n_small:n_small + n_big], big, self.activation),
         jnp.zeros((b, t - n_small - n_big, d_model), x.dtype)], axis=1)
     return permute_rows(y.reshape(b * t, d_model), inverse, order).reshape(b, t, d_model)

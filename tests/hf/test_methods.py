@@ -1,7 +1,7 @@
 """The methods start from imported tiny models: the imported weights land where each method
 reads them, a few training steps give a finite loss, and a SkipDecode fine-tune exports back.
 
-Duo and informed routing are not here: their FFNs (layers/duo.py, layers/routing.py) have no
+Duo: tests/hf/test_duo_e2e.py. Informed routing is not here: its FFN (layers/routing.py) has no
 gated or biased form yet, and every imported family has one (SwiGLU, or GPT-2/OPT biases), so
 the combination is refused by name (the last test).
 """
@@ -88,8 +88,7 @@ def test_as_vit_fine_tunes_an_imported_vit(tmp_path):
   assert summary["compute_fraction"] <= 1.0
 
 
-@pytest.mark.parametrize("config, option", [("configs/duo.gin", "ffn_gated"),
-                                            ("configs/informed_routing_lff.gin", "ffn_gated")])
+@pytest.mark.parametrize("config, option", [("configs/informed_routing_lff.gin", "ffn_gated")])
 def test_adaptive_ffns_refuse_the_gated_ffn_by_name(config, option, tmp_path):
   imported = str(tmp_path / "llama")
   importer.import_lm(fixture("llama"), imported, log=lambda m: None)

@@ -535,3 +535,76 @@ def test_kv_cache_decoding_equals_the_full_pass(mode, skip, impl):
   got = decoding.teacher_forced_logits(decoding.Decoder(cfg, warmup_layers=1), params, tokens,
                                        schedule, prompt_len=3)
   np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+
+
+# Gated (SwiGLU / GeGLU) and biased FFNs: the pretrained families' forms (Llama, GPT-2, OPT).
+FORMS = [(True, False), (False, True), (True, True)]
+
+
+def _form_params(gated, use_bias):
+  """A gated / biased DuoFFN's params, the (zero-initialised) biases made random so they count."""
+  module = DuoFFN(d_ff=F, activation="silu", gated=gated, use_bias=use_bias)
+  p = _params(module, _x())
+  keys = iter(jax.random.split(jax.random.key(11), len(p)))
+  return module, {k: jax.random.normal(next(keys), v.shape) if k.startswith("b") else v
+                  for k, v in p.items()}
+
+
+def _dense(p, suffix, gated, use_bias, x, d_ff):
+  """DenseFFN (layers/mlp.py) at width d_ff with Duo's parameters of one module."""
+  names = ["wi", "wo"] + ["wi_gate"] * gated + ["bi", "bo"] * use_bias + ["bi_gate"] * (
+      gated and use_bias)
+  dense = DenseFFN(d_ff=d_ff, activation="silu", gated=gated, use_bias=use_bias)
+  y, state = dense.apply({"params": {n: p[n + suffix] for n in names}}, x,
+                         mutable=["intermediates"])
+  return y, state["intermediates"]["macs"][0]
+
+
+@pytest.mark.parametrize("compute", ["masked", "gather", "sorted"])
+@pytest.mark.parametrize("gated, use_bias", FORMS)
+def test_gated_and_biased_forms_all_big_all_small_all_skip(gated, use_bias, compute):
+  module, p = _form_params(gated, use_bias)
+  module = module.clone(compute=compute, impl="xla")
+  x = _x()
+  dense_p = nn.meta.unbox(DenseFFN(d_ff=F, gated=gated, use_bias=use_bias).init(
+      jax.random.key(0), x)["params"])
+  # The big FFN is DenseFFN's parameter tree exactly (names and shapes): a dense checkpoint loads.
+  assert {k: v.shape for k, v in dense_p.items()} == {k: p[k].shape for k in dense_p}
+  assert set(p) - set(dense_p) == {"router"} | {k + "_small" for k in dense_p}
+  for route, suffix, width in ((BIG, "", F), (SMALL, "_small", F_SMALL)):
+    y, _, macs, _ = _apply(module, p, x, routes=jnp.full((B, T), route))
+    want, want_macs = _dense(p, suffix, gated, use_bias, x, width)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(macs, want_macs)  # 1.5x the plain FFN's when gated
+  y, _, macs, _ = _apply(module, p, x, routes=jnp.full((B, T), SKIP))
+  assert not np.asarray(y).any() and not np.asarray(macs).any()
+
+
+@pytest.mark.parametrize("gated, use_bias", FORMS)
+def test_gated_and_biased_forms_agree_on_every_compute_path(gated, use_bias):
+  """Random imposed routes: masked == gather == sorted (ragged on XLA; the interpret impl too,
+  which falls back to XLA for these forms); exact-mix training: sorted's static slices give the
+  masked path's loss and gradients."""
+  module, p = _form_params(gated, use_bias)
+  x, routes = _x(), _routes()
+  want, _, want_macs, _ = _apply(module, p, x, routes=routes)
+  assert set(np.asarray(routes).ravel()) == {SKIP, SMALL, BIG}
+  for compute, impl in (("gather", None), ("sorted", "xla"), ("sorted", "interpret")):
+    y, taken, macs, _ = _apply(module.clone(compute=compute, impl=impl), p, x, routes=routes)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(taken, routes)
+    np.testing.assert_array_equal(macs, want_macs)
+  masked = module.clone(mix=(0.2, 0.3, 0.5), mix_exact=True)
+  want = _duo_grad(masked, p, _x((2, 16, D)))
+  got = _duo_grad(masked.clone(compute="sorted", impl="xla"), p, _x((2, 16, D)))
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_block_hands_the_gated_and_bias_options_to_duo():
+  """DecoderConfig.ffn_gated / mlp_bias reach DuoFFN through the block (no refusal)."""
+  cfg = dataclasses.replace(CFG, activation="silu", ffn_gated=True, mlp_bias=True)
+  ids = jax.random.randint(jax.random.key(1), (B, T), 0, 40)
+  p = _params(DecoderLM(cfg), ids)["blocks"]["ffn"]
+  assert {"wi_gate", "bi", "bi_gate", "bo", "wi_gate_small", "bo_small"} <= set(p)
+  assert p["wi_gate"].shape == (CFG.num_layers, CFG.d_model, CFG.d_ff)
