@@ -1,5 +1,4 @@
-"""Helpers shared by the kernels: activations, tile arithmetic, interpret settings, VJP glue."""
-import functools
+"""Helpers shared by the kernels: the exact GeLU (erf), tile arithmetic, interpret settings, VJP glue."""
 import math
 from typing import Callable, Sequence
 
@@ -8,14 +7,6 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
-
-# routed_ffn's "gelu" is the tanh form in every implementation (its references and kernels are
-# compared to 1e-5; layers/duo.py names it "gelu_tanh"). Pattention uses the exact GeLU below.
-ACTIVATIONS = {
-    "gelu": functools.partial(jax.nn.gelu, approximate=True),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-}
 
 _SQRT_HALF = 0.7071067811865476
 # Taylor coefficients of erf(x) = 2/sqrt(pi) sum_n (-1)^n x^(2n+1) / (n! (2n+1)), n = 0..10:
@@ -103,13 +94,6 @@ def cost(flops, bytes_accessed, transcendentals=0):
   """The pl.CostEstimate XLA schedules a kernel's custom call by (counts are per call)."""
   return pl.CostEstimate(flops=int(flops), transcendentals=int(transcendentals),
                          bytes_accessed=int(bytes_accessed))
-
-
-
-def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
-  if name not in ACTIVATIONS:
-    raise ValueError(f"Unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}.")
-  return ACTIVATIONS[name]
 
 
 def cdiv(a, b):
