@@ -159,6 +159,19 @@ def executed_tokens(sparsity: float, length: int) -> int:
   return capacity_tokens(1.0 - sparsity, length)
 
 
+def routed_decisions(config) -> dict:
+  """{slot: decision} of the routed units (with sparsity > 0) a DecoderConfig holds."""
+  out = {}
+  for slot in ("ffn_cls", "attention_cls"):
+    cls = getattr(config, slot)
+    base = getattr(cls, "func", cls)
+    if isinstance(base, type) and issubclass(base, (RoutedFFN, RoutedAttention)):
+      kw = getattr(cls, "keywords", {})
+      if kw.get("sparsity", base.sparsity) > 0:
+        out[slot] = kw.get("decision", base.decision)
+  return out
+
+
 class TokenRouter(nn.Module):
   """Router logits (float32 [..., outputs]): d -> hidden -> ReLU -> outputs."""
   hidden: int

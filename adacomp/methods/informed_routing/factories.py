@@ -66,3 +66,14 @@ def routed_attention(*, sparsity: float = RoutedAttention.sparsity,
   return functools.partial(RoutedAttention, **_routing_kwargs(
       sparsity, mode, compute, forecaster_rank, router_hidden, distill_weight,
       recoverability_weight, decision, causal_weight, impl))
+
+
+def decision_bindings(decision: str) -> list:
+  """Gin bindings choosing the routed units' decision: 'causal' (what a generating model does;
+  eval.py's default, scripts/generate.py always) or 'topk' (the teacher-forced per-sequence
+  top-k the units trained with). Harmless for models without routed units."""
+  if decision not in ("causal", "topk"):
+    raise ValueError(f"Routing decision {decision!r}: choose 'causal' (the number a "
+                     f"generating model reaches) or 'topk' (teacher-forced, not causal).")
+  return [f"routed_ffn.decision = {decision!r}", f"routed_attention.decision = {decision!r}"]
+
