@@ -7,6 +7,7 @@ SkipDecode schedule where the config has one), and a row's logits do not depend 
 rows of its batch.
 """
 import flax
+import gin
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -60,6 +61,7 @@ def _randomize(params, key):
 
 def _build(name):
   path, extra = CONFIGS[name]
+  gin.clear_config()
   gin_utils.parse([f"configs/{path}"], TINY + extra + factories.decision_bindings("causal"))
   model = build.build_decoder(VOCAB)
   params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
@@ -116,7 +118,7 @@ def test_a_rows_logits_do_not_depend_on_the_other_rows(name):
   """Alone, and in a batch with two other rows of other lengths (right-padded)."""
   model, params, layer_mask = _build(name)
   lens = [T, 9, 5]
-  batch = np.asarray(_tokens(3, T, seed=5))
+  batch = np.array(_tokens(3, T, seed=5))
   for row, n in enumerate(lens):
     batch[row, n:] = 0
   together = np.asarray(_forward(model, params, jnp.asarray(batch), layer_mask))
