@@ -443,7 +443,7 @@ class RoutedFFN(_Routed):
       if slots == 0:
         return jnp.zeros_like(flat)
       rows = order[:slots]
-      u = unit(jnp.take(flat, rows, axis=0))
+      u = unit(jnp.take(flat, rows, axis=0)[None])[0]  # [1, slots, d]: the FFN's layout
       u = jnp.where(jnp.take(flat_exec, rows)[:, None], u, 0).astype(flat.dtype)
       return jnp.zeros_like(flat).at[rows].set(u)
 
