@@ -8,9 +8,10 @@ parameters, float32) generates --new_tokens greedy tokens after a --prompt_len p
 `decoding.generate` (prefill, then KV-cache steps; compiled once, excluded). The methods are
 the gin configs as scripts/generate.py decodes them: routed units (informed routing, MoD) with
 causal decisions in gather compute; SkipDecode variants under `schedule_for_speedup(2)` on the
-dense weights. Random routers decide about half the tokens (the causal threshold 0 of an
-untrained predictor); the MAC ratio is measured from the layers' sown MACs over the generated
-positions under the same decisions, so time and MACs describe the same computation.
+dense weights. Each random causal predictor's threshold is set to the median of its logits on
+a random batch (`_calibrate`: about half the tokens execute, as a trained 50% model's
+calibrated threshold does); the MAC ratio is measured from the layers' sown MACs over the
+generated positions under the same decisions, so time and MACs describe the same computation.
 
 Timings are medians of --repeats rounds taken round-robin over the methods (load on the shared
 machine hits all alike). Prints a markdown table; --output writes the rows as JSON.
@@ -61,6 +62,27 @@ SIZES = {
 }
 
 
+def _calibrate(model, params, tokens):
+  """Sets every `causal_threshold` to the median causal-predictor logit of its unit on
+  `tokens` (per layer), the threshold a trained 50%-sparsity model calibrates to."""
+  # pylint: disable=g-import-not-at-top
+  import flax
+  import jax.numpy as jnp
+  _, state = model.apply({"params": params}, tokens,
+                         capture_intermediates=lambda mdl, method: (
+                             mdl.name == "causal" and method == "__call__"),
+                         mutable=["intermediates"])
+  flat = flax.traverse_util.flatten_dict(params)
+  for path, logits in flax.traverse_util.flatten_dict(state["intermediates"]).items():
+    if path[-2:] != ("causal", "__call__"):
+      continue  # the sown macs and decisions
+    unit = path[:-2]
+    logits = logits[0][..., 0]  # scanned: [layers, b, t]
+    axes = tuple(range(logits.ndim - 2, logits.ndim))
+    flat[unit + ("causal_threshold",)] = jnp.median(logits, axis=axes)
+  return flax.traverse_util.unflatten_dict(flat)
+
+
 def _variant(name, size, batch, prompt_len, new_tokens):
   """(fn, args, macs per generated token) of one method at one size and batch."""
   # pylint: disable=g-import-not-at-top
@@ -88,6 +110,7 @@ def _variant(name, size, batch, prompt_len, new_tokens):
               np.asarray(mask).sum(0).astype(np.int32))
   decoder = decoding.Decoder(model.config, warmup_layers=1)
   prompt = jax.random.randint(jax.random.key(1), (batch, prompt_len), 1, 256)
+  params = _calibrate(model, params, jax.random.randint(jax.random.key(2), (8, total), 1, 256))
 
   @jax.jit
   def run(p, prompt, schedule):
