@@ -46,8 +46,9 @@ Causal routing (MoD's remedy, arXiv 2404.02258 section 3.5, the auxiliary-predic
     ranks by a + e); a BCE on it would pull the ranking toward its own previous output and
     change the trained function; the separate predictor cannot change the model's function
     (its input is stop-gradient, its output only decides at inference), so the top-k model is
-    unchanged whatever w_c is.
-  * Threshold: a token executes iff c_i > tau, tau a scalar parameter `causal/threshold` (so
+    unchanged whatever w_c is (up to a global-norm gradient clipping, which sees the
+    predictor's gradients too).
+  * Threshold: a token executes iff c_i > tau, tau the scalar parameter `causal_threshold` (so
     it is saved in the checkpoint with the rest) fitted during training by the pinball
     (quantile) loss  w_c * mean_i rho_q(sg(c_i) - tau), q = sparsity, whose minimiser is the
     q-quantile of the predictor's logits over the training tokens: calibrated to execute the
