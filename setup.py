@@ -31,6 +31,8 @@ setuptools.setup(
         "tensorboardX>=2.6",
         "matplotlib>=3.8",
         "sentencepiece>=0.2.0",
+        "safetensors>=0.4",  # Hugging Face weights in and out, without torch (adacomp/hf)
+        "tokenizers>=0.19",  # Hugging Face tokenizer.json (adacomp/data/tokenizers.py)
         "scikit-learn>=1.3",  # the embedded digits image dataset (adacomp/data/digits.py)
         "tqdm>=4.66",
         "importlib_resources>=6.0",  # tensorflow-datasets needs it for builders outside tfds

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from adacomp import scoring
-from adacomp.models.decoder import DecoderConfig, block_kwargs, final_norm_kind, parse_dtype
+from adacomp.models.decoder import (DecoderConfig, block_kwargs, final_norm_kind, parse_dtype,
+                                    position_embed)
 from layers import routing
 from layers.block import DecoderBlock
 from layers.embedding import Embed
@@ -60,7 +61,9 @@ class Decoder:
     self._dtype = dtype
     self.embed = Embed(config.vocab_size, config.d_model, dtype=dtype, param_dtype=param_dtype)
     self.block = DecoderBlock(**block_kwargs(config, decode=True))
-    self.norm = make_norm(final_norm_kind(config), dtype=dtype, param_dtype=param_dtype)
+    self.norm = make_norm(final_norm_kind(config), dtype=dtype, param_dtype=param_dtype,
+                          epsilon=config.norm_epsilon)
+    self.pos_embed = position_embed(config, dtype, param_dtype)
 
   # -- cache ---------------------------------------------------------------------------------
   def init_cache(self, batch: int, max_len: int):
@@ -79,13 +82,24 @@ class Decoder:
     c = jax.tree_util.tree_map_with_path(
         lambda path, a: (jnp.asarray(position, a.dtype) if path[-1].key == "cache_index"
                          else a), c)
-    positions = jnp.zeros(x.shape[:2], jnp.int32)
+    # Attention in decode mode takes its positions from cache_index; FFNs keyed by position
+    # (Duo's evaluation-time random routes) need the real ones.
+    positions = position + jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
     y, mutated = self.block.apply({"params": p, "cache": c}, x, positions, layer=layer,
                                   mutable=["cache"])
     cache = jax.tree.map(
         lambda a, n: jax.lax.dynamic_update_index_in_dim(a, n, layer, 0), cache,
         mutated["cache"])
     return y, cache
+
+  def _embed(self, params, tokens, start):
+    """Token embeddings of tokens [b, T] at positions start.. (plus learned positions)."""
+    x = self.embed.apply({"params": params["embed"]}, tokens)
+    if self.pos_embed is None:
+      return x
+    positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+    return x + self.pos_embed.apply({"params": params["pos_embed"]},
+                                    positions + self.config.position_offset)
 
   def _logits(self, params, x):
     x = self.norm.apply({"params": params.get("final_norm", {})}, x)
@@ -98,7 +112,7 @@ class Decoder:
   def prefill(self, params, cache, tokens):
     """Runs the prompt [b, p] through every layer from position 0; returns logits [b, p, V]."""
     blocks = stacked_block_params(params, self.config.num_layers)
-    x = self.embed.apply({"params": params["embed"]}, tokens)
+    x = self._embed(params, tokens, 0)
 
     def body(layer, carry):
       x, cache = carry
@@ -115,7 +129,7 @@ class Decoder:
     """
     cfg = self.config
     blocks = stacked_block_params(params, cfg.num_layers)
-    x = self.embed.apply({"params": params["embed"]}, token[:, None])
+    x = self._embed(params, token[:, None], position)
     warm = self.warmup_layers
     if isinstance(num_active, (int, np.integer)):
       layers = list(range(min(warm, num_active))) + list(
@@ -270,8 +284,10 @@ def generate_rows(model, params, tokenizer, prompts, schedule_fn, key, *, max_ne
   tokens over the compiled call's time, compile excluded), `compile_s`, `schedule` and
   `prompt_width` (the longest prompt, BOS included).
   """
-  encoded = [np.concatenate([[tokenizer.bos_id], tokenizer.encode(p)]).astype(np.int32)
-             for p in prompts]
+  # A tokenizer with `encode_prompt` (the HF kind) adds its own special tokens, as transformers'.
+  encode = getattr(tokenizer, "encode_prompt", None) or (
+      lambda p: np.concatenate([[tokenizer.bos_id], tokenizer.encode(p)]))
+  encoded = [np.asarray(encode(p)).astype(np.int32) for p in prompts]
   lens = np.asarray([len(e) for e in encoded], np.int32)
   width = int(lens.max())
   total = width + max_new_tokens

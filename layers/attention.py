@@ -1,11 +1,17 @@
 """Causal multi-head self-attention with rotary positions and a KV cache.
 
 softmax(q k^T / sqrt(d_head) + mask) v per head (Vaswani et al., 2017), RoPE on q and k.
+Options the pretrained families need (Llama, Qwen2, Mistral, GPT-2, OPT): grouped-query attention
+(`num_kv_heads` < `num_heads`: query head i reads key/value head i // (num_heads / num_kv_heads),
+Ainslie et al., 2023), biases on the q/k/v and output projections, a sliding window (a query
+sees the `window` latest keys, itself included) and the RoPE layout (layers.rope).
 In `decode` mode the module keeps `cached_key`, `cached_value` and `cache_index` in the `cache`
 collection: a call with T new tokens writes them at [index, index + T) and attends to every cache
 entry up to its own position. T = prompt length is a prefill, T = 1 a decode step; the cache's
 length is fixed by the input length at `init` time (as in the flax lm1b example).
 """
+from typing import Optional
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -14,25 +20,42 @@ from jax.typing import DTypeLike
 from layers.rope import apply_rope
 
 
-def causal_mask(q_positions, k_positions):
-  """[b, 1, q, k] boolean: a query sees keys at positions <= its own."""
-  return (k_positions[:, None, None, :] <= q_positions[:, None, :, None])
+def causal_mask(q_positions, k_positions, window: Optional[int] = None):
+  """[b, 1, q, k] boolean: a query sees keys at positions <= its own (and, with a `window`,
+  > its own - window)."""
+  mask = k_positions[:, None, None, :] <= q_positions[:, None, :, None]
+  if window is not None:
+    mask &= k_positions[:, None, None, :] > q_positions[:, None, :, None] - window
+  return mask
 
 
 def dot_product_attention(q, k, v, mask, dtype=jnp.float32):
-  """q: [b, q, h, d], k/v: [b, k, h, d], mask: [b, 1|h, q, k] bool. Softmax in float32."""
-  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-  scores = scores / jnp.sqrt(q.shape[-1]).astype(jnp.float32)
+  """q: [b, q, h, d], k/v: [b, k, kv, d] with kv dividing h (kv < h: grouped-query attention),
+  mask: [b, 1|h, q, k] bool. Softmax in float32."""
+  b, tq, h, d = q.shape
+  kv = k.shape[2]
+  if kv != h:
+    q = q.reshape(b, tq, kv, h // kv, d)
+    scores = jnp.einsum("bqngd,bknd->bngqk", q, k, preferred_element_type=jnp.float32)
+    scores = scores.reshape(b, h, tq, k.shape[1])
+  else:
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+  scores = scores / jnp.sqrt(d).astype(jnp.float32)
   scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+  if kv != h:
+    probs = probs.reshape(b, kv, h // kv, tq, k.shape[1])
+    return jnp.einsum("bngqk,bknd->bqngd", probs, v).reshape(b, tq, h, d)
   return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
 def decode_attention(module: nn.Module, q, k, v, *, rope_base: float, rope_fraction: float,
-                     dtype=jnp.float32):
+                     dtype=jnp.float32, rope_layout: str = "interleaved",
+                     window: Optional[int] = None):
   """The KV-cache step of an attention module in `decode` mode (shared by every attention).
 
-  q, k, v: [b, T, h, d] projections of T new tokens, before RoPE. Declares `cached_key`,
+  q: [b, T, h, d], k, v: [b, T, kv, d] projections of T new tokens, before RoPE (the cache
+  holds the kv heads only). Declares `cached_key`,
   `cached_value` and `cache_index` in the module's `cache` collection; at `init` (no cache yet)
   returns None and the caller runs its full pass, which sizes the cache. Otherwise writes k, v
   at [index, index + T), attends every new token to the cache entries up to its own position
@@ -47,19 +70,21 @@ def decode_attention(module: nn.Module, q, k, v, *, rope_base: float, rope_fract
     return None
   start = cache_index.value
   positions = start + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  q = apply_rope(q, positions, base=rope_base, fraction=rope_fraction)
-  k = apply_rope(k, positions, base=rope_base, fraction=rope_fraction)
+  rope = dict(base=rope_base, fraction=rope_fraction, layout=rope_layout)
+  q, k = apply_rope(q, positions, **rope), apply_rope(k, positions, **rope)
   keys = jax.lax.dynamic_update_slice(cached_key.value, k, (0, start, 0, 0))
   values = jax.lax.dynamic_update_slice(cached_value.value, v, (0, start, 0, 0))
   cached_key.value, cached_value.value = keys, values
   cache_index.value = start + t
   max_len = keys.shape[1]
   k_positions = jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32), (b, max_len))
-  out = dot_product_attention(q, keys, values, causal_mask(positions, k_positions), dtype)
+  out = dot_product_attention(q, keys, values, causal_mask(positions, k_positions, window),
+                              dtype)
   return out, positions
 
 
 class MultiHeadAttention(nn.Module):
+  """Self-attention; the defaults (no biases, kv heads = heads, no window) are adacomp's own."""
   num_heads: int
   head_dim: int
   rope_base: float = 10000.0
@@ -67,43 +92,65 @@ class MultiHeadAttention(nn.Module):
   dtype: DTypeLike = jnp.float32
   param_dtype: DTypeLike = jnp.float32
   kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+  num_kv_heads: Optional[int] = None  # None: num_heads
+  qkv_bias: bool = False
+  out_bias: bool = False
+  rope_layout: str = "interleaved"
+  window: Optional[int] = None
 
   @nn.compact
   def __call__(self, x, positions, *, decode: bool = False):
     """x: [b, t, d]; positions: [b, t] absolute positions (ignored in decode mode)."""
     b, t, d = x.shape
     h, hd = self.num_heads, self.head_dim
+    kv = self.num_kv_heads or h
+    if h % kv:
+      raise ValueError(f"num_heads={h} is not a multiple of num_kv_heads={kv} "
+                       f"(DecoderConfig.num_kv_heads); choose a divisor of num_heads.")
 
-    def dense(name, shape, axes):
-      return self.param(name, nn.with_logical_partitioning(self.kernel_init, axes),
+    def dense(name, shape, axes, init=self.kernel_init):
+      return self.param(name, nn.with_logical_partitioning(init, axes),
                         shape, self.param_dtype).astype(self.dtype)
 
-    wq = dense("query", (d, h, hd), ("embed", "heads", "kv"))
-    wk = dense("key", (d, h, hd), ("embed", "heads", "kv"))
-    wv = dense("value", (d, h, hd), ("embed", "heads", "kv"))
+    def project(name, heads):
+      y = jnp.einsum("btd,dhk->bthk", x, dense(name, (d, heads, hd), ("embed", "heads", "kv")))
+      if self.qkv_bias:
+        y = y + dense(name + "_bias", (heads, hd), ("heads", "kv"), nn.initializers.zeros)
+      return y
+
+    q, k, v = project("query", h), project("key", kv), project("value", kv)
     wo = dense("out", (h, hd, d), ("heads", "kv", "embed"))
-    q = jnp.einsum("btd,dhk->bthk", x, wq)
-    k = jnp.einsum("btd,dhk->bthk", x, wk)
-    v = jnp.einsum("btd,dhk->bthk", x, wv)
+
+    def output(out):
+      y = jnp.einsum("bthk,hkd->btd", out, wo)
+      if self.out_bias:
+        y = y + dense("out_bias", (d,), ("embed",), nn.initializers.zeros)
+      return y
 
     if decode:
       cached = decode_attention(self, q, k, v, rope_base=self.rope_base,
-                                rope_fraction=self.rope_fraction, dtype=self.dtype)
+                                rope_fraction=self.rope_fraction, dtype=self.dtype,
+                                rope_layout=self.rope_layout, window=self.window)
       if cached is not None:
         out, positions = cached
-        self._sow_macs(b, t, d, positions + 1)
-        return jnp.einsum("bthk,hkd->btd", out, wo)
+        self._sow_macs(b, t, d, positions)
+        return output(out)
 
-    q = apply_rope(q, positions, base=self.rope_base, fraction=self.rope_fraction)
-    k = apply_rope(k, positions, base=self.rope_base, fraction=self.rope_fraction)
+    rope = dict(base=self.rope_base, fraction=self.rope_fraction, layout=self.rope_layout)
+    q, k = apply_rope(q, positions, **rope), apply_rope(k, positions, **rope)
     q = nn.with_logical_constraint(q, ("act_batch", "act_length", "act_heads", "act_kv"))
     k = nn.with_logical_constraint(k, ("act_batch", "act_length", "act_heads", "act_kv"))
-    out = dot_product_attention(q, k, v, causal_mask(positions, positions), self.dtype)
-    self._sow_macs(b, t, d, positions + 1)
-    return jnp.einsum("bthk,hkd->btd", out, wo)
+    out = dot_product_attention(q, k, v, causal_mask(positions, positions, self.window),
+                                self.dtype)
+    self._sow_macs(b, t, d, positions)
+    return output(out)
 
-  def _sow_macs(self, b, t, d, visible_keys):
+  def _sow_macs(self, b, t, d, positions):
     """Per-token MACs: q/k/v/out projections plus scores and weighted sum over visible keys."""
+    visible_keys = positions + 1
+    if self.window is not None:
+      visible_keys = jnp.minimum(visible_keys, self.window)
     inner = self.num_heads * self.head_dim
-    macs = 4 * d * inner + 2 * inner * visible_keys.astype(jnp.float32)
+    kv_inner = (self.num_kv_heads or self.num_heads) * self.head_dim
+    macs = 2 * d * inner + 2 * d * kv_inner + 2 * inner * visible_keys.astype(jnp.float32)
     self.sow("intermediates", "macs", jnp.broadcast_to(macs, (b, t)))

@@ -18,11 +18,12 @@ Routes come, in order of precedence, from
 
 Choices the paper leaves open, made here (each one an attribute, so a gin parameter):
   * Random routes are drawn from the `routing` rng stream when the caller gives one (training;
-    `nn.scan` splits it per layer); otherwise from fold_in(jax.random.key(seed), layer), the
-    block's index passed in by the decoder (`layer`, scanned with the blocks), so evaluation is
-    deterministic and every layer gets its own pattern. A draw is per call, so a KV-cache
-    decoding loop (one position per call) does not reproduce the full forward pass's pattern;
-    impose `routes` there too.
+    `nn.scan` splits it per layer), i.i.d. per token (or `mix_exact`, below); otherwise
+    (evaluation) each token's route is drawn from fold_in(fold_in(jax.random.key(seed), layer),
+    position), with the block's index (`layer`, scanned with the blocks) and the token's
+    position passed in by the block: deterministic, its own pattern per layer, the same in
+    every row of a batch (a row's routes never depend on the others), and a KV-cache decoding
+    step draws exactly the full forward pass's route for its position.
   * Router: logits = W_r x (+ b_r), a linear map d -> 3 from the FFN's input (the normed hidden
     state), or d -> router_hidden -> ReLU -> 3 when `router_hidden` is set (the SkipGPT form).
     It runs in float32, because a routing decision should not flip with bf16 rounding.
@@ -42,21 +43,36 @@ Choices the paper leaves open, made here (each one an attribute, so a gin parame
 
 Compute paths (`compute`):
   * "masked": both FFNs on every token, the output selected by route. Training, as in the paper.
-  * "gather": inference with real savings on any backend. Each module has a static capacity,
-    a fraction of the b*t tokens (`capacity=(c_small, c_big)`, rounded up to whole tokens;
-    None: every token fits). The tokens routed to a module are ranked by priority, earliest
-    sequence position first (then lowest batch row), not by router score: top-k by score would
-    make a token's route depend on tokens at later positions, which autoregressive decoding
-    cannot see. The first `capacity` of them are gathered (`pallas_kernels.gather_matmul`), run
+  * "gather": inference with real savings on any backend. Each module has a static capacity
+    per sequence row, a fraction of the row's t tokens (`capacity=(c_small, c_big)`, ceil(c * t)
+    slots per row; None: every token fits), so a row's routes and output never depend on the
+    other rows of the batch. Within a row, the tokens routed to a module are ranked by
+    priority, earliest position first, not by router score: top-k by score would make a
+    token's route depend on tokens at later positions, which autoregressive decoding cannot
+    see. The first `capacity` of them are gathered (`pallas_kernels.gather_matmul`), run
     through that FFN only and scattered back (`pallas_kernels.scatter`). Overflow rule: BIG is
     filled first; a big-routed token beyond BIG's capacity falls back to SMALL, after every
-    small-routed token (which keep priority) if SMALL still has room; a token beyond SMALL's
-    capacity is skipped. The layer reports the routes taken after overflow.
-  * "sorted": tokens sorted by route (`sort_by_route`), both modules run by
-    `pallas_kernels.routed_ffn` at their own widths with the skip rows last, then unsorted. No
-    capacity and no overflow. Real savings need the TPU/GPU kernels; the CPU reference masks.
-    routed_ffn's GeLU is the tanh form, so this path needs activation "gelu_tanh" (or "relu",
-    "silu") for the same function as the other paths.
+    small-routed token of its row (which keep priority) if SMALL still has room; a token
+    beyond SMALL's capacity is skipped. The layer reports the routes taken after overflow.
+  * "sorted": no capacity, no overflow, the masked path's function (training and inference).
+    On TPU / GPU, tokens are sorted by route and both modules run by
+    `pallas_kernels.routed_ffn` at their own widths, skip rows last, then unsorted
+    (`routed_ffn.ffn_by_route`, per shard under a device mesh): forward and backward cost the
+    routed FLOPs. XLA has no grouped matmul that saves (routed_ffn's
+    reference masks), so under impl "xla" (and "auto" on CPU) the path runs, when the counts
+    per row are static (`mix_exact` training routes), each row sorted small / big / skip and
+    each FFN on a static slice of its n_small / n_big tokens (the routed FLOPs again), and
+    otherwise (router, imposed or i.i.d. routes; a KV-cache decoding step's b rows)
+    `ragged_ffn`: tokens sorted by route, each FFN over its own tokens in fixed-size chunks in a
+    loop of traced trip count, so the forward pass does the routed work plus at most a chunk
+    per module; its backward is the masked path's (XLA's FLOP count of a while loop is one
+    trip, so `cost_analysis` does not show this saving; wall time does).
+
+Random routes with `mix_exact` (stage-1 training): with a `routing` rng, each row gets exactly
+round(p_small * t) small and round(p_big * t) big tokens at uniformly random positions, instead
+of i.i.d. draws: every token's marginal route probability is still the mix (up to rounding),
+and the static per-row counts let XLA compute only the routed tokens. Evaluation draws (no
+rng) stay the per-position draws above, so a token's route does not depend on the row's length.
 
 Sown intermediates: `routes` (int32 [b, t], the routes taken) and `macs` (float32 [b, t]):
 ffn_macs(d, d_ff) for BIG, ffn_macs(d, d_ff_small) for SMALL, 0 for SKIP, plus the router's
@@ -67,7 +83,7 @@ the gather path's unused capacity slots are not charged to any token.
 Parameters: `wi`, `wo` (the big FFN, named like `DenseFFN`'s so a dense checkpoint maps onto
 it), `wi_small`, `wo_small`, and `router/...`; float32 with logical axis names.
 """
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -77,14 +93,14 @@ from jax.typing import DTypeLike
 import pallas_kernels
 from layers.mlp import activation_fn, feed_forward, ffn_macs
 from layers.selection import capacity_tokens, first_by_priority, straight_through_zero
+from pallas_kernels import _dispatch
+from pallas_kernels.routed_ffn import ffn_by_route
+from pallas_kernels.routed_ffn.routing import permute_rows
 
 SKIP, SMALL, BIG = 0, 1, 2
 NUM_ROUTES = 3
 MODES = ("random", "router", "big", "small", "skip")
 COMPUTES = ("masked", "gather", "sorted")
-
-# routed_ffn names the tanh GeLU "gelu"; layers.mlp's "gelu" is the erf form it lacks.
-_KERNEL_ACTIVATIONS = {"gelu_tanh": "gelu", "relu": "relu", "silu": "silu"}
 
 
 class DuoRouter(nn.Module):
@@ -110,30 +126,117 @@ class DuoRouter(nn.Module):
 
 
 def gather_routes(routes: jax.Array, capacity: Optional[Tuple[float, float]]):
-  """The overflow rule of the gather path, on routes int [b, t].
+  """The overflow rule of the gather path, on routes int [b, t], row by row.
 
-  Returns (taken routes int32 [b, t], (idx_small, valid_small), (idx_big, valid_big)) with
-  indices into the b*t tokens flattened batch-major.
+  Each sequence row has its own slots per module, capacity_tokens(c, t) = ceil(c * t), so a
+  row's routes never depend on the other rows of the batch. Returns (taken routes int32 [b, t],
+  (idx_small, valid_small), (idx_big, valid_big)) with indices [b * k] into the b*t tokens
+  flattened batch-major, row by row.
   """
   b, t = routes.shape
-  n = b * t
   c_small, c_big = (None, None) if capacity is None else capacity
-  flat = routes.reshape(n)
-  # rank 0 = first position of batch row 0; n - rank > 0 orders candidates, earliest first.
-  rank = (jnp.arange(t, dtype=jnp.int32)[None, :] * b
-          + jnp.arange(b, dtype=jnp.int32)[:, None]).reshape(n)
-  first = n - rank
-  # Priority by position, not router score: a score ranking would let later tokens change an
-  # earlier token's route, which a decoder generating left to right cannot see.
-  idx_big, valid_big, taken_big = first_by_priority(
-      jnp.where(flat == BIG, first, 0), capacity_tokens(c_big, n))
-  overflow = (flat == BIG) & ~taken_big
-  # Small-routed tokens outrank every demoted big token: demoted ones only fill spare room.
-  idx_small, valid_small, taken_small = first_by_priority(
-      jnp.where(flat == SMALL, n + first, jnp.where(overflow, first, 0)),
-      capacity_tokens(c_small, n))
-  taken = jnp.where(taken_big, BIG, jnp.where(taken_small, SMALL, SKIP)).astype(jnp.int32)
-  return taken.reshape(b, t), (idx_small, valid_small), (idx_big, valid_big)
+  k_small, k_big = capacity_tokens(c_small, t), capacity_tokens(c_big, t)
+  # Priority by position, earliest first, not by router score: a score ranking would let later
+  # tokens change an earlier token's route, which a decoder generating left to right cannot see.
+  first = t - jnp.arange(t, dtype=jnp.int32)
+
+  def one_row(row):
+    idx_big, valid_big, taken_big = first_by_priority(jnp.where(row == BIG, first, 0), k_big)
+    overflow = (row == BIG) & ~taken_big
+    # Small-routed tokens outrank every demoted big token: demoted ones only fill spare room.
+    idx_small, valid_small, taken_small = first_by_priority(
+        jnp.where(row == SMALL, t + first, jnp.where(overflow, first, 0)), k_small)
+    taken = jnp.where(taken_big, BIG, jnp.where(taken_small, SMALL, SKIP))
+    return taken.astype(jnp.int32), (idx_small, valid_small), (idx_big, valid_big)
+
+  taken, *slots = jax.vmap(one_row)(routes.astype(jnp.int32))
+  offsets = (jnp.arange(b, dtype=jnp.int32) * t)[:, None]
+  slots = [((idx + offsets).reshape(-1), valid.reshape(-1)) for idx, valid in slots]
+  return taken, *slots
+
+
+def exact_mix_routes(key: jax.Array, shape: Tuple[int, int], mix: Sequence[float]):
+  """Routes int32 [b, t] with exactly exact_mix_counts(mix, t) small and big tokens per row, at
+  uniformly random positions (independent rows): each token's marginal is round(p * t) / t."""
+  n_small, n_big = exact_mix_counts(mix, shape[1])
+  rank = jnp.argsort(jnp.argsort(jax.random.uniform(key, shape), axis=-1), axis=-1)
+  return jnp.where(rank < n_big, BIG, jnp.where(rank < n_big + n_small, SMALL, SKIP)).astype(
+      jnp.int32)
+
+
+def exact_mix_counts(mix: Sequence[float], t: int) -> Tuple[int, int]:
+  """(n_small, n_big) tokens per row of length t under `mix_exact`: round(p * t) each."""
+  total = sum(mix)
+  n_big = round(mix[BIG] / total * t)
+  n_small = min(round(mix[SMALL] / total * t), t - n_big)
+  return n_small, n_big
+
+
+def _two_ffns_masked(x, routes, small, big, activation):
+  """Both FFNs on every row of x [m, d], selected by routes [m] (the masked path, flat)."""
+  act = activation_fn(activation)
+  y_small = act(x @ small[0]) @ small[1]
+  y_big = act(x @ big[0]) @ big[1]
+  r = routes[:, None]
+  return jnp.where(r == BIG, y_big, jnp.where(r == SMALL, y_small, jnp.zeros_like(y_big)))
+
+
+def ragged_chunk(m: int) -> int:
+  """Rows per chunk of `ragged_ffn` for m rows: a power of two in [8, 256], about m / 8, so a
+  module wastes at most one partial chunk (about 1/8 of the rows) on padding."""
+  return max(8, min(256, 1 << max(_cdiv(m, 8) - 1, 0).bit_length()))
+
+
+def _cdiv(a: int, b: int) -> int:
+  return -(-a // b)
+
+
+def ragged_ffn(x, routes, small, big, activation: str):
+  """Each row of x [m, d] through the FFN of its route (routes [m]; SKIP rows give 0), in XLA
+  with static shapes: rows sorted small / big / skip, then each module runs over its rows in
+  chunks of `ragged_chunk(m)` rows, in a loop whose trip count is the module's row count (a
+  while loop: the skipped and other-module rows cost nothing). The backward pass is the masked
+  path's (a while loop with a traced trip count has no reverse-mode derivative)."""
+  m, d = x.shape
+  chunk = ragged_chunk(m)
+  act = activation_fn(activation)
+
+  def forward(x, routes, small, big):
+    order = jnp.argsort(jnp.where(routes == SKIP, NUM_ROUTES, routes), stable=True)
+    rows = jnp.concatenate([x[order], jnp.zeros((chunk, d), x.dtype)])
+    out = jnp.zeros_like(rows)
+    start = jnp.zeros((), jnp.int32)
+    for route, (w_in, w_out) in ((SMALL, small), (BIG, big)):
+      count = jnp.sum(routes == route).astype(jnp.int32)
+
+      def one_chunk(i, out, start=start, count=count, w_in=w_in, w_out=w_out):
+        first = start + i * chunk
+        y = act(jax.lax.dynamic_slice_in_dim(rows, first, chunk) @ w_in) @ w_out
+        keep = (i * chunk + jnp.arange(chunk) < count)[:, None]
+        old = jax.lax.dynamic_slice_in_dim(out, first, chunk)
+        return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(keep, y, old), first, 0)
+
+      out = jax.lax.fori_loop(0, (count + chunk - 1) // chunk, one_chunk, out)
+      start = start + count
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(m, dtype=order.dtype))
+    return out[:m][inverse]
+
+  @jax.custom_vjp
+  def ffn(x, routes, small, big):
+    return forward(x, routes, small, big)
+
+  def ffn_fwd(x, routes, small, big):
+    return forward(x, routes, small, big), (x, routes, small, big)
+
+  def ffn_bwd(res, g):
+    x, routes, small, big = res
+    _, vjp = jax.vjp(lambda x, small, big: _two_ffns_masked(x, routes, small, big, activation),
+                     x, small, big)
+    dx, d_small, d_big = vjp(g)
+    return dx, None, d_small, d_big
+
+  ffn.defvjp(ffn_fwd, ffn_bwd)
+  return ffn(x, routes, small, big)
 
 
 class DuoFFN(nn.Module):
@@ -144,7 +247,8 @@ class DuoFFN(nn.Module):
     activation: a `layers.mlp` activation name.
     d_ff_small: hidden width of the small FFN; None means d_ff // 4.
     mode: how routes are decided when none are imposed: one of MODES.
-    compute: "masked" (training), "gather" or "sorted" (inference with real savings).
+    compute: "masked" (both FFNs), "gather" (inference, capacity) or "sorted" (training and
+      inference, no capacity).
     mix: (p_skip, p_small, p_big) of random mode.
     seed: key of random mode's routes when the caller gives no `routing` rng.
     router_hidden: None for a linear router, else the width of its ReLU hidden layer.
@@ -152,8 +256,10 @@ class DuoFFN(nn.Module):
     budget: (f_skip, f_small, f_big) target mean route probabilities of router mode.
     budget_weight: weight of the budget loss.
     train_router_only: stop gradients into the FFN weights.
-    capacity: (c_small, c_big) fractions of the b*t tokens each module can take in the gather
-      path; None: every token fits.
+    capacity: (c_small, c_big) fractions of each sequence row's t tokens each module can take
+      in the gather path (ceil(c * t) slots per row); None: every token fits.
+    mix_exact: random mode draws exactly round(p * t) tokens of each route per row, in a
+      uniformly random arrangement, instead of i.i.d. per token (see the module docstring).
     impl: kernel implementation of the pallas_kernels ops (None: the process default).
   """
   d_ff: int
@@ -172,10 +278,13 @@ class DuoFFN(nn.Module):
   budget_weight: float = 1.0
   train_router_only: bool = False
   capacity: Optional[Tuple[float, float]] = None
+  mix_exact: bool = False
   impl: Optional[str] = None
 
-  # DecoderBlock passes its layer index to FFNs that declare this (not a dataclass field).
+  # DecoderBlock passes its layer index and the token positions to FFNs that declare these
+  # (not dataclass fields).
   takes_layer = True
+  takes_positions = True
 
   def _check(self, x):
     if self.mode not in MODES:
@@ -184,11 +293,6 @@ class DuoFFN(nn.Module):
       raise ValueError(f"DuoFFN.compute={self.compute!r}; choose one of {COMPUTES}.")
     if x.ndim != 3:
       raise ValueError(f"DuoFFN needs x [batch, length, d_model]; got {x.shape}.")
-    if self.compute == "sorted" and self.activation not in _KERNEL_ACTIVATIONS:
-      raise ValueError(
-          f"DuoFFN(compute='sorted') runs pallas_kernels.routed_ffn, which has no "
-          f"{self.activation!r}; use activation 'gelu_tanh' (DecoderConfig.activation), 'relu' "
-          f"or 'silu', or compute='masked' / 'gather'.")
 
   def _weights(self, d_model: int, width: int, suffix: str):
     init = self.kernel_init
@@ -200,7 +304,7 @@ class DuoFFN(nn.Module):
       w_in, w_out = jax.lax.stop_gradient(w_in), jax.lax.stop_gradient(w_out)
     return w_in.astype(self.dtype), w_out.astype(self.dtype)
 
-  def _decide(self, shape, logits, layer):
+  def _decide(self, shape, logits, layer, positions):
     """Routes int32 [b, t] and the straight-through term (zero-valued, [b, t, 3]) or None."""
     if self.mode == "router":
       if not self.has_rng("routing"):
@@ -211,11 +315,19 @@ class DuoFFN(nn.Module):
       soft = jax.nn.softmax((logits + noise) / self.temperature, axis=-1)
       return jnp.argmax(soft, -1).astype(jnp.int32), straight_through_zero(soft)
     if self.mode == "random":
-      # Without a routing rng the seed key alone would give every scanned layer one pattern.
-      key = (self.make_rng("routing") if self.has_rng("routing") else
-             jax.random.fold_in(jax.random.key(self.seed), layer))
       mix = jnp.asarray(self.mix, jnp.float32)
-      routes = jax.random.categorical(key, jnp.log(mix / jnp.sum(mix)), shape=shape)
+      log_mix = jnp.log(mix / jnp.sum(mix))
+      if not self.has_rng("routing"):
+        # Evaluation: a function of (seed, layer, position) only, so every layer draws its own
+        # pattern, a row's routes do not depend on the batch, and a KV-cache decoding step
+        # draws the full pass's route for its position.
+        base = jax.random.fold_in(jax.random.key(self.seed), layer)
+        draw = lambda p: jax.random.categorical(jax.random.fold_in(base, p), log_mix)
+        return jax.vmap(jax.vmap(draw))(positions).astype(jnp.int32), None
+      key = self.make_rng("routing")
+      if self.mix_exact:
+        return exact_mix_routes(key, shape, self.mix), None
+      routes = jax.random.categorical(key, log_mix, shape=shape)
       return routes.astype(jnp.int32), None
     fixed = {"skip": SKIP, "small": SMALL, "big": BIG}[self.mode]
     return jnp.full(shape, fixed, jnp.int32), None
@@ -226,9 +338,11 @@ class DuoFFN(nn.Module):
     return self.budget_weight * jnp.sum(jnp.square(fractions - target))
 
   @nn.compact
-  def __call__(self, x, routes=None, layer=0):
+  def __call__(self, x, routes=None, layer=0, positions=None):
     """x: [b, t, d]; routes: optional int [b, t] in {SKIP, SMALL, BIG}; layer: the block's
-    index (int or traced int32), folded into random mode's seed key. Returns y [b, t, d]."""
+    index (int or traced int32), folded into random mode's seed key; positions: int [b, t]
+    (default 0..t-1 in every row), folded into evaluation-time random routes' key.
+    Returns y [b, t, d]."""
     self._check(x)
     b, t, d_model = x.shape
     d_small = self.d_ff // 4 if self.d_ff_small is None else self.d_ff_small
@@ -238,11 +352,15 @@ class DuoFFN(nn.Module):
     routed_by_router = routes is None and self.mode == "router"
     logits = router(x) if routed_by_router or self.is_initializing() else None
 
-    straight = None
+    straight, counts = None, None
     if routes is not None:
       routes = jnp.asarray(routes, jnp.int32)
     else:
-      routes, straight = self._decide((b, t), logits, layer)
+      if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+      routes, straight = self._decide((b, t), logits, layer, positions)
+      if self.mode == "random" and self.mix_exact and self.has_rng("routing"):
+        counts = exact_mix_counts(self.mix, t)
     if routed_by_router:
       self.sow("losses", "duo_budget", self._budget_loss(logits))
 
@@ -251,7 +369,7 @@ class DuoFFN(nn.Module):
     elif self.compute == "gather":
       y, taken = self._gather(x, routes, small, big, straight)
     else:
-      y, taken = self._sorted(x, routes, small, big, straight), routes
+      y, taken = self._sorted(x, routes, small, big, straight, counts), routes
 
     macs = jnp.where(taken == BIG, float(ffn_macs(d_model, self.d_ff)),
                      jnp.where(taken == SMALL, float(ffn_macs(d_model, d_small)), 0.0))
@@ -295,17 +413,50 @@ class DuoFFN(nn.Module):
       out = pallas_kernels.scatter(y, idx, out, mode="add", impl=self.impl)
     return out.reshape(b, t, d_model), taken
 
-  def _sorted(self, x, routes, small, big, straight):
-    b, t, d_model = x.shape
-    flat = x.reshape(b * t, d_model)
-    # routed_ffn's groups: 0 = small, 1 = big; route - 1 sends SKIP to -1, the skip rows.
-    rows, order = pallas_kernels.sort_by_route(flat, routes.reshape(-1) - 1, 2)
-    w_in, w_out, widths = pallas_kernels.stack_ffn_weights([small, big])
-    y = pallas_kernels.routed_ffn(rows, order.group_sizes, w_in, w_out, widths,
-                                  activation=_KERNEL_ACTIVATIONS[self.activation],
-                                  impl=self.impl)
-    y = pallas_kernels.unsort_by_route(y, order).reshape(b, t, d_model)
+  def _sorted(self, x, routes, small, big, straight, counts):
+    """routed_ffn's kernels on TPU / GPU. On XLA (impl 'xla', or 'auto' on CPU), where
+    routed_ffn's reference would run both modules at the big width for every token: per-row
+    static slices when the per-row counts are static (`counts`, from mix_exact), else
+    `ragged_ffn`. All three are one function, straight-through term included."""
+    kernel = lambda x, routes: self._sorted_kernel(x, routes, small, big)
+    if counts is None:
+      fallback = lambda x, routes: ragged_ffn(
+          x.reshape(-1, x.shape[-1]), routes.reshape(-1), small, big, self.activation).reshape(
+              x.shape)
+    else:
+      fallback = lambda x, routes: self._sorted_static(x, routes, small, big, counts)
+    impl = _dispatch.resolve(self.impl)
+    if impl == "xla":
+      y = fallback(x, routes)
+    elif impl == "auto":
+      y = jax.lax.platform_dependent(x, routes, tpu=kernel, cuda=kernel, default=fallback)
+    else:
+      y = kernel(x, routes)
     if straight is not None:
+      # Only the taken module's term of the masked path's straight-through sum (zero in value).
       st = jnp.take_along_axis(straight, routes[..., None], -1).astype(y.dtype)
       y = y + st * y
     return y
+
+  def _sorted_kernel(self, x, routes, small, big):
+    b, t, d_model = x.shape
+    w_in, w_out, widths = pallas_kernels.stack_ffn_weights([small, big])
+    # routed_ffn's groups: 0 = small, 1 = big; route - 1 sends SKIP to -1, the skip rows.
+    y = ffn_by_route(x.reshape(b * t, d_model), routes.reshape(-1) - 1, w_in, w_out, widths,
+                     activation=self.activation, impl=self.impl)
+    return y.reshape(b, t, d_model)
+
+  def _sorted_static(self, x, routes, small, big, counts):
+    """Each row sorted small, big, skip; the FFNs run on static slices of n_small and n_big
+    tokens per row (exact because every row has exactly these counts)."""
+    b, t, d_model = x.shape
+    n_small, n_big = counts
+    order = jnp.argsort(jnp.where(routes == SKIP, NUM_ROUTES, routes), axis=-1, stable=True)
+    order = (order + jnp.arange(b)[:, None] * t).reshape(-1).astype(jnp.int32)
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(b * t, dtype=jnp.int32))
+    rows = permute_rows(x.reshape(b * t, d_model), order, inverse).reshape(b, t, d_model)
+    y = jnp.concatenate([
+        feed_forward(rows[:, :n_small], *small, self.activation),
+        feed_forward(rows[:, n_small:n_small + n_big], *big, self.activation),
+        jnp.zeros((b, t - n_small - n_big, d_model), x.dtype)], axis=1)
+    return permute_rows(y.reshape(b * t, d_model), inverse, order).reshape(b, t, d_model)

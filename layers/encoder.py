@@ -91,6 +91,7 @@ class EncoderBlock(nn.Module):
   dtype: DTypeLike = jnp.float32
   param_dtype: DTypeLike = jnp.float32
   kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+  norm_epsilon: float = 1e-6  # Hugging Face's ViT/DeiT use 1e-12
 
   @nn.compact
   def __call__(self, x, mask=None):
@@ -98,11 +99,12 @@ class EncoderBlock(nn.Module):
     (x, class-attention probabilities [b, h, n], attention-output norms [b, h, n])."""
     b, n, d = x.shape
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    y = LayerNorm(use_scale=True, use_bias=True, name="attn_norm", **kw)(x)
+    norm_kw = dict(kw, epsilon=self.norm_epsilon)
+    y = LayerNorm(use_scale=True, use_bias=True, name="attn_norm", **norm_kw)(x)
     y, cls_attn, out_norms = EncoderAttention(self.num_heads, self.head_dim, name="attn",
                                                 kernel_init=self.kernel_init, **kw)(y, mask)
     x = x + y
-    y = LayerNorm(use_scale=True, use_bias=True, name="mlp_norm", **kw)(x)
+    y = LayerNorm(use_scale=True, use_bias=True, name="mlp_norm", **norm_kw)(x)
     w_in = self.param("wi", nn.with_logical_partitioning(self.kernel_init, ("embed", "mlp")),
                       (d, self.d_ff), self.param_dtype)
     w_out = self.param("wo", nn.with_logical_partitioning(self.kernel_init, ("mlp", "embed")),

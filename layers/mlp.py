@@ -1,4 +1,9 @@
-"""Position-wise feed-forward network: y = W_out act(W_in x) (Vaswani et al., 2017)."""
+"""Position-wise feed-forward network: y = W_out act(W_in x) (Vaswani et al., 2017).
+
+Gated (GLU) variant (Shazeer, 2020): y = W_out (act(W_gate x) * W_in x), SwiGLU with 'silu'
+(Llama, Qwen2, Mistral), GeGLU with 'gelu'/'gelu_tanh'. Optional biases on both projections
+(GPT-2, OPT).
+"""
 from typing import Callable
 
 import flax.linen as nn
@@ -39,16 +44,38 @@ class DenseFFN(nn.Module):
   dtype: DTypeLike = jnp.float32
   param_dtype: DTypeLike = jnp.float32
   kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+  gated: bool = False
+  use_bias: bool = False
 
   @nn.compact
   def __call__(self, x, *, deterministic: bool = True):
     del deterministic
     d_model = x.shape[-1]
-    w_in = self.param("wi", nn.with_logical_partitioning(self.kernel_init, ("embed", "mlp")),
-                      (d_model, self.d_ff), self.param_dtype)
-    w_out = self.param("wo", nn.with_logical_partitioning(self.kernel_init, ("mlp", "embed")),
-                       (self.d_ff, d_model), self.param_dtype)
-    y = feed_forward(x, w_in.astype(self.dtype), w_out.astype(self.dtype), self.activation)
-    self.sow("intermediates", "macs",
-             jnp.full(x.shape[:-1], ffn_macs(d_model, self.d_ff), jnp.float32))
+
+    def param(name, shape, axes, init=self.kernel_init):
+      return self.param(name, nn.with_logical_partitioning(init, axes), shape,
+                        self.param_dtype).astype(self.dtype)
+
+    def project_in(suffix):
+      h = jnp.einsum("...d,df->...f", x, param("wi" + suffix, (d_model, self.d_ff),
+                                                ("embed", "mlp")))
+      if self.use_bias:
+        h = h + param("bi" + suffix, (self.d_ff,), ("mlp",), nn.initializers.zeros)
+      return h
+
+    if not (self.gated or self.use_bias):
+      w_in = param("wi", (d_model, self.d_ff), ("embed", "mlp"))
+      y = feed_forward(x, w_in, param("wo", (self.d_ff, d_model), ("mlp", "embed")),
+                       self.activation)
+    else:
+      h = activation_fn(self.activation)(project_in("_gate" if self.gated else ""))
+      if self.gated:
+        h = h * project_in("")
+      w_out = param("wo", (self.d_ff, d_model), ("mlp", "embed"))
+      h = nn.with_logical_constraint(h, ("act_batch", "act_length", "act_mlp"))
+      y = jnp.einsum("...f,fd->...d", h, w_out)
+      if self.use_bias:
+        y = y + param("bo", (d_model,), ("embed",), nn.initializers.zeros)
+    macs = ffn_macs(d_model, self.d_ff) * (1.5 if self.gated else 1)
+    self.sow("intermediates", "macs", jnp.full(x.shape[:-1], macs, jnp.float32))
     return y

@@ -29,6 +29,10 @@ Layers here (filling DecoderBlock's slots, DecoderConfig.attention_cls / ffn_cls
     cache decode mode as `layers.attention.MultiHeadAttention`.
   * `PattentionFFN`: the whole FFN is one Pattention d -> d with n_ffn tokens (no hidden layer).
 
+Under a device mesh the op partitions itself (pallas_kernels/_partition.py): tokens over the
+batch axes, the n parameter tokens over `tensor` as `key` / `value` are held here
+(('mlp', 'embed')), with the psum of the squared score norms Theta needs.
+
 Compute: each Pattention sows `macs` = n * (d_in + d_out) per token (scores plus weighted sum; the
 normalisation's O(n) is not counted, as biases and norms are not counted elsewhere);
 PattentionAttention adds 2 * h * d_head * (visible keys) for the token-token attention.

@@ -7,7 +7,6 @@ Ops (each sub-package holds reference.py, the specification in plain jnp; tpu.py
   gather_matmul     x[idx] @ w without materialising x[idx].
   scatter           out[idx] += y, or out[idx] = y.
   pattention        TokenFormer's Theta(X K_P^T) V_P without the score matrix in HBM.
-  varlen_attention  attention over the first lengths[b] tokens of each example.
 
 Every op takes `impl` (None, "auto", "xla", "pallas", "interpret", "interpret_gpu"); None means
 the process-wide default, "auto" unless `set_default_impl` or `default_impl(...)` says otherwise
@@ -29,10 +28,9 @@ from pallas_kernels.routed_ffn import routed_ffn
 from pallas_kernels.routed_ffn import sort_by_route
 from pallas_kernels.routed_ffn import stack_ffn_weights
 from pallas_kernels.routed_ffn import unsort_by_route
-from pallas_kernels.varlen_attention import varlen_attention
 
 __all__ = [
     "IMPLS", "default_impl", "get_default_impl", "set_default_impl", "gather_matmul", "scatter",
     "pattention", "RouteSort", "route_sort", "routed_ffn", "sort_by_route", "stack_ffn_weights",
-    "unsort_by_route", "varlen_attention",
+    "unsort_by_route",
 ]

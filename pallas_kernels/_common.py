@@ -5,6 +5,7 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
@@ -81,6 +82,30 @@ TPU_INTERPRET = pltpu.InterpretParams(uninitialized_memory="nan", out_of_bounds_
 TRITON_CUSTOM_CALL = "__gpu$xla.gpu.triton"
 
 
+def _varying(a) -> frozenset:
+  return frozenset(jax.typeof(a).manual_axis_type.varying)
+
+
+def match_varying(*arrays):
+  """Inside a shard_map (check_vma on): every array cast to vary over the union of the mesh axes
+  any of them varies over, the one variance a pallas_call takes and returns. Outside: as is."""
+  axes = frozenset().union(*(_varying(a) for a in arrays))
+  return tuple(jax.lax.pcast(a, tuple(sorted(axes - _varying(a))), to="varying")
+               for a in arrays)
+
+
+def out_struct(shape, dtype, like) -> jax.ShapeDtypeStruct:
+  """A kernel's out_shape, varying over the mesh axes `like` (a match_varying input) does."""
+  return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.typeof(like).manual_axis_type)
+
+
+def cost(flops, bytes_accessed, transcendentals=0):
+  """The pl.CostEstimate XLA schedules a kernel's custom call by (counts are per call)."""
+  return pl.CostEstimate(flops=int(flops), transcendentals=int(transcendentals),
+                         bytes_accessed=int(bytes_accessed))
+
+
+
 def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
   if name not in ACTIVATIONS:
     raise ValueError(f"Unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}.")
@@ -123,6 +148,42 @@ def gpu_block(size: int, block: int, minimum: int = 16) -> int:
 
 def triton_params(num_warps: int = 4, num_stages: int = 2):
   return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+# Triton tiles, chosen per shape in this one place (aimed at H100 / H200-class GPUs; not timed:
+# no GPU was available when they were set). A dimension's block is the largest of the table's
+# sizes its length reaches, else the power of two covering it (>= 16):
+#
+#   dimension                      length >=   block
+#   rows (tokens / gathered rows)  1024        128
+#                                  128         64
+#   columns (output features)      256         128
+#   depth (the matmul's k loop)    128         64        (else 32; always 32 for 4-byte inputs)
+#
+# warps: 8 when a tile holds >= 128 x 128 accumulators, else 4; stages (software pipelining of
+# the k loop): 3 when the loop has >= 3 trips, else 2. Shared memory per program, stages x
+# (bm + bn) x depth x itemsize, stays <= 96 KiB (bf16 128 x 128 x 64 or f32 128 x 128 x 32).
+TRITON_ROWS = ((1024, 128), (128, 64))
+TRITON_COLS = ((256, 128),)
+TRITON_DEPTH = ((128, 64),)
+
+
+def _from_table(size: int, table, fallback: int) -> int:
+  for at_least, block in table:
+    if size >= at_least:
+      return block
+  return gpu_block(size, fallback)
+
+
+def triton_tiles(rows: int, cols: int, depth: int, dtype=jnp.bfloat16):
+  """(block_rows, block_cols, block_depth, CompilerParams) for a [rows, depth] x [depth, cols]
+  tile loop of `dtype` inputs, from the table above."""
+  bm = _from_table(rows, TRITON_ROWS, 64)
+  bn = _from_table(cols, TRITON_COLS, 128)
+  bk = _from_table(depth, TRITON_DEPTH if jnp.dtype(dtype).itemsize < 4 else (), 32)
+  warps = 8 if bm * bn >= 128 * 128 else 4
+  stages = 3 if cdiv(depth, bk) >= 3 else 2
+  return bm, bn, bk, triton_params(warps, stages)
 
 
 # Row statistics (norms, softmax max and sum) live in VMEM replicated across the 128 lanes, the

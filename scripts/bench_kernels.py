@@ -2,7 +2,7 @@ r"""Routed-compute kernels against the XLA reference and the dense equivalent (a
 
   python scripts/bench_kernels.py            # every op, several sizes
   python scripts/bench_kernels.py --quick    # one small size per op, few repeats
-  python scripts/bench_kernels.py --ops=routed_ffn,varlen_attention --repeats=50 --json=out.json
+  python scripts/bench_kernels.py --ops=routed_ffn,pattention --repeats=50 --json=out.json
 
 For each op and size it times three jitted functions: the dispatcher's choice (impl="auto": the
 Pallas kernel on TPU/GPU, the XLA reference on CPU), the XLA reference (impl="xla") and the
@@ -29,6 +29,9 @@ import jax
 import jax.numpy as jnp
 
 import pallas_kernels
+from pallas_kernels import _common
+from pallas_kernels.pattention import gpu as pattention_gpu
+from pallas_kernels.pattention import tpu as pattention_tpu
 
 
 @dataclasses.dataclass
@@ -107,6 +110,14 @@ def gather_case(m, d, n, capacity, dtype, key) -> List[Case]:
                 "dense": lambda x, w, base: base + x @ w}, useful, executed, dense)]
 
 
+def _pattention_recomputations(t, d, n, dtype) -> int:
+  """How many extra times the platform's kernel computes X K_P^T: on TPU none when the score
+  row fits the VMEM cache (else once more); on GPU once per attend output block."""
+  if _platform() == "tpu":
+    return 0 if pattention_tpu._blocks(t, n, d, d, dtype, 256, 512)[2] else 1
+  return _common.cdiv(d, pattention_gpu._blocks(t, n, d, d, dtype, None, None, None, None)[3])
+
+
 def pattention_case(t, d, n, dtype, key) -> List[Case]:
   """Dense equivalent: the same two matmuls with no normalisation (the floor of the fused op)."""
   k = jax.random.split(key, 3)
@@ -118,7 +129,7 @@ def pattention_case(t, d, n, dtype, key) -> List[Case]:
     return lambda x, k_p, v_p: pallas_kernels.pattention(x, k_p, v_p, impl=impl)
 
   useful = 4.0 * t * n * d
-  kernel = useful + 2.0 * t * n * d  # the TPU kernel's second pass recomputes the scores
+  kernel = useful + 2.0 * t * n * d * _pattention_recomputations(t, d, n, dtype)
   return [Case("pattention", f"t={t} d_in=d_out={d} n={n}", (x, k_p, v_p),
                {"auto": op("auto"), "xla": op("xla"),
                 "dense": lambda x, k_p, v_p: (x @ k_p.T) @ v_p},
@@ -126,43 +137,22 @@ def pattention_case(t, d, n, dtype, key) -> List[Case]:
                useful)]
 
 
-def varlen_case(b, t, h, d, keep, dtype, key) -> List[Case]:
-  """Pruned tokens: per-example lengths drawn uniformly in [keep/2, keep * 3/2] of t."""
-  k = jax.random.split(key, 4)
-  q, kk, v = (jax.random.normal(k[i], (b, t, h, d), dtype) for i in range(3))
-  lengths = jax.random.randint(k[3], (b,), int(t * keep / 2), int(t * keep * 1.5) + 1)
-  lengths = jnp.minimum(lengths, t).astype(jnp.int32)
-
-  def op(impl):
-    return lambda q, k, v: pallas_kernels.varlen_attention(q, k, v, lengths, impl=impl)
-
-  useful = 4.0 * h * d * float(jnp.sum(lengths.astype(jnp.float32) ** 2))
-  dense = 4.0 * h * d * b * t * t
-  return [Case("varlen_attention", f"b={b} t={t} h={h} d={d} keep~{keep}", (q, kk, v),
-               {"auto": op("auto"), "xla": op("xla"),
-                "dense": lambda q, k, v: jax.nn.dot_product_attention(q, k, v)},
-               useful, {"auto": _auto_executed(dense, useful), "xla": dense, "dense": dense},
-               dense)]
-
-
 SIZES = {
     "quick": {
         "routed_ffn": [(1024, 256, 1024, (0.5, 0.25, 0.25))],
         "gather_matmul": [(2048, 512, 512, 0.25)],
         "pattention": [(1024, 256, 1024)],
-        "varlen_attention": [(4, 512, 4, 64, 0.5)],
     },
     "full": {
         "routed_ffn": [(2048, 512, 2048, (0.5, 0.25, 0.25)), (2048, 512, 2048, (0.0, 0.0, 1.0)),
                        (4096, 512, 2048, (0.25, 0.5, 0.25))],
         "gather_matmul": [(4096, 1024, 1024, 0.125), (4096, 1024, 1024, 0.5)],
         "pattention": [(2048, 512, 512), (2048, 512, 2048)],
-        "varlen_attention": [(8, 1024, 8, 64, 0.5), (8, 1024, 8, 64, 0.25)],
     },
 }
 # Each case is built by its own call so that its closures capture its own routing.
 BUILDERS = {"routed_ffn": routed_ffn_case, "gather_matmul": gather_case,
-            "pattention": pattention_case, "varlen_attention": varlen_case}
+            "pattention": pattention_case}
 
 
 def median_ms(fn: Callable, args: Sequence, warmup: int, repeats: int) -> float:

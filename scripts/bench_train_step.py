@@ -1,7 +1,8 @@
 r"""Training-step cost of each method against its dense baseline, per FLOP (a benchmark).
 
   python scripts/bench_train_step.py                     # every method config, 2 rounds
-  python scripts/bench_train_step.py --methods=dense,duo --steps=40 --rounds=3
+  python scripts/bench_train_step.py --methods="dense,duo stage 1 (random routes; sorted)" \
+      --steps=40 --rounds=3
 
 Each method's config trains `--steps` steps from a fresh init (checkpoints it would start from
 are not needed for timing) through the real `train()` on the embedded corpus, in rounds: every
@@ -26,7 +27,9 @@ import tempfile
 # label -> (gin files, bindings, dense baseline label)
 METHODS = {
     "dense": (["configs/dense.gin"], [], "dense"),
-    "duo (random routes; masked)": (["configs/duo.gin"], [], "dense"),
+    "duo stage 1 (random routes; sorted)": (["configs/duo.gin"], [], "dense"),
+    "duo stage 1 (random routes; masked)": (["configs/duo.gin"],
+                                            ["duo_ffn.compute = 'masked'"], "dense"),
     "duo router stage": (["configs/duo_router.gin"], ["train.init_checkpoint = None"], "dense"),
     "dense 12 layers": (["configs/dense.gin", "configs/sizes/tiny_deep.gin"], [],
                         "dense 12 layers"),

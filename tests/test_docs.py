@@ -19,7 +19,7 @@ from adacomp import gin_utils
 from adacomp.methods import registry  # pylint: disable=unused-import
 from tests.corpus import REPO, corpus_bindings
 
-PAGES = sorted(["README.md", "docs/pareto.md", "docs/reliability.md", "pallas_kernels/README.md", "benchmarks/README.md"]
+PAGES = sorted(["README.md", "docs/hf.md", "docs/pareto.md", "docs/reliability.md", "pallas_kernels/README.md", "benchmarks/README.md"]
                + [os.path.relpath(p, REPO) for p in
                   glob.glob(os.path.join(REPO, "adacomp", "methods", "*", "README.md"))])
 # Values for the shell variables the pages' loops and abbreviations use.

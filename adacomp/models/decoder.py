@@ -1,8 +1,14 @@
 """Decoder-only Transformer language model, the backbone every language method shares.
 
-ids -> Embed -> L x DecoderBlock (stacked with `nn.scan` or unrolled) -> norm -> logits
-(tied to the embedding or a separate projection). Float32 parameters; the compute dtype is
-`DecoderConfig.dtype` (bfloat16 on accelerators, as on TPU).
+ids -> Embed (+ learned positions) -> L x DecoderBlock (stacked with `nn.scan` or unrolled) ->
+norm -> logits (tied to the embedding or a separate projection). Float32 parameters; the compute
+dtype is `DecoderConfig.dtype` (bfloat16 on accelerators, as on TPU).
+
+The options after `final_norm` describe the pretrained families adacomp imports
+(adacomp/hf, docs/hf.md): Llama / Qwen2 / Mistral (SwiGLU, grouped-query attention, rotate-half
+RoPE, biases on q/k/v for Qwen2, a sliding window for Mistral), GPT-2 and OPT (LayerNorm with
+bias, biases everywhere, learned absolute positions; OPT's table is offset by 2). Their defaults
+are adacomp's own backbone, so existing configs and checkpoints are unchanged.
 """
 import dataclasses
 from typing import Any, Optional
@@ -53,6 +59,19 @@ class DecoderConfig:
   # The norm before the logits; None: `norm`. The released TokenFormer configs use a
   # non-parametric norm in the blocks and 'layernorm' (scale and bias) here: 'layernorm_affine'.
   final_norm: Optional[str] = None
+  norm_epsilon: float = 1e-6
+  num_kv_heads: Optional[int] = None  # None: num_heads; fewer: grouped-query attention
+  attention_bias: bool = False  # biases on the q, k, v projections
+  attention_out_bias: bool = False  # a bias on the output projection
+  attention_window: Optional[int] = None  # sliding window: a token sees this many, itself too
+  rope_layout: str = "interleaved"  # or "half" (rotate half: Llama, Qwen2, Mistral)
+  ffn_gated: bool = False  # W_out (act(W_gate x) * W_in x): SwiGLU with activation 'silu'
+  mlp_bias: bool = False
+  positions: str = "rope"  # or "learned": an absolute position table, no RoPE (GPT-2, OPT)
+  position_offset: int = 0  # rows of the learned table before position 0 (OPT: 2)
+
+
+POSITIONS = ("rope", "learned")
 
 
 def final_norm_kind(cfg: DecoderConfig) -> str:
@@ -62,11 +81,26 @@ def final_norm_kind(cfg: DecoderConfig) -> str:
 
 def block_kwargs(cfg: DecoderConfig, decode: bool = False) -> dict:
   """DecoderBlock's attributes from the config (shared by DecoderLM and adacomp.decoding)."""
+  if cfg.positions not in POSITIONS:
+    raise ValueError(f"DecoderConfig.positions={cfg.positions!r}; use one of {POSITIONS}.")
   return dict(num_heads=cfg.num_heads, head_dim=cfg.head_dim, d_ff=cfg.d_ff,
               activation=cfg.activation, rope_base=cfg.rope_base,
-              rope_fraction=cfg.rope_fraction, ffn_cls=cfg.ffn_cls,
-              attention_cls=cfg.attention_cls, norm=cfg.norm, decode=decode,
+              rope_fraction=cfg.rope_fraction if cfg.positions == "rope" else 0.0,
+              ffn_cls=cfg.ffn_cls, attention_cls=cfg.attention_cls, norm=cfg.norm,
+              norm_epsilon=cfg.norm_epsilon, num_kv_heads=cfg.num_kv_heads,
+              qkv_bias=cfg.attention_bias, out_bias=cfg.attention_out_bias,
+              rope_layout=cfg.rope_layout, window=cfg.attention_window,
+              ffn_gated=cfg.ffn_gated, mlp_bias=cfg.mlp_bias, decode=decode,
               dtype=parse_dtype(cfg.dtype), param_dtype=parse_dtype(cfg.param_dtype))
+
+
+def position_embed(cfg: DecoderConfig, dtype, param_dtype) -> Optional[Embed]:
+  """The learned absolute position table ([max_len + position_offset, d_model]), or None."""
+  if cfg.positions != "learned":
+    return None
+  return Embed(cfg.max_len + cfg.position_offset, cfg.d_model, dtype=dtype,
+               param_dtype=param_dtype, embedding_init=nn.initializers.normal(stddev=0.02),
+               name="pos_embed")
 
 
 class DecoderLM(nn.Module):
@@ -91,6 +125,9 @@ class DecoderLM(nn.Module):
                   embedding_init=nn.initializers.normal(stddev=cfg.d_model ** -0.5),
                   name="embed")
     x = embed(ids)
+    pos_embed = position_embed(cfg, dtype, param_dtype)
+    if pos_embed is not None:
+      x = x + pos_embed(positions + cfg.position_offset)
     x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
 
     block_kw = block_kwargs(cfg, self.decode)
@@ -115,7 +152,7 @@ class DecoderLM(nn.Module):
         x = block_cls(name=f"block_{i}", **block_kw)(x, positions, active, route, i)
 
     x = make_norm(final_norm_kind(cfg), dtype=dtype, param_dtype=param_dtype,
-                  name="final_norm")(x)
+                  epsilon=cfg.norm_epsilon, name="final_norm")(x)
     if cfg.tied_embeddings:
       logits = embed.attend(x)
     else:

@@ -71,6 +71,7 @@ class ViTConfig:
   head_dim: int = 16
   d_ff: int = 128
   activation: str = "gelu"
+  norm_epsilon: float = 1e-6  # LayerNorm's; Hugging Face ViT/DeiT checkpoints use 1e-12
   dtype: Any = "float32"
   param_dtype: Any = "float32"
   # AS-ViT pruning: stages after these blocks (1-indexed), one initial threshold per stage.
@@ -186,12 +187,13 @@ class ViT(nn.Module):
       self.sow("intermediates", "macs", jnp.full((b, n_img), patch_dim * d, jnp.float32))
 
     blocks = [EncoderBlock(cfg.num_heads, cfg.head_dim, cfg.d_ff, cfg.activation, dtype=dtype,
-                           param_dtype=param_dtype, name=f"block_{i}")
+                           param_dtype=param_dtype, norm_epsilon=cfg.norm_epsilon,
+                           name=f"block_{i}")
               for i in range(cfg.num_layers)]
     pruners = [ThresholdPruner(float(t), cfg.temperature, name=f"pruner_{k}")
                for k, t in enumerate(cfg.threshold_init)]
     final_norm = LayerNorm(use_scale=True, use_bias=True, dtype=dtype, param_dtype=param_dtype,
-                           name="final_norm")
+                           epsilon=cfg.norm_epsilon, name="final_norm")
 
     def forward(x, prune: bool, mask=None, first_block=0):
       """Returns (logits, differentiable MACs per image [b] without the head, kept fraction

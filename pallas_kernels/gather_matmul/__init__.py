@@ -12,9 +12,22 @@ only the selected rows of `out` (aliased, updated in place when the caller donat
 
 Indices are clipped to [0, m) and must be distinct (top-k's are); with repeated indices the
 result of the kernels is unspecified. w is cast to x.dtype and y to out.dtype; f32 accumulation.
-Gradients: a custom VJP whose backward is the reference's VJP in XLA (gather / scatter-add /
-matmul), not a kernel. Blocks: see tpu.py and gpu.py (None keeps the backend's default).
+
+Gradients (custom VJP; each op's backward runs the other's kernel, its transpose):
+  gather_matmul  dx = scatter "set" of g w^T into zeros [m, d] (the scatter kernel; g w^T is a
+                 dense XLA matmul), dw = x[idx]^T g (the gather_tmatmul kernel: the rows are
+                 fetched inside it, so the backward never materialises x[idx] either).
+  scatter        dy = g[idx] (the gather_rows kernel), dout = g ("add") or g with the rows idx
+                 zeroed ("set": the scatter kernel writing zeros).
+
+Under a device mesh (`jax.set_mesh`) both ops run per shard (pallas_kernels/_partition.py): the
+rows of x / out and the entries of idx / y are split over the batch axes (data, fsdp), each
+shard's indices addressing its own rows (routing per sequence row: a shard's capacity is k per
+row of its rows); gather_matmul splits w's n over `tensor` (its output comes out split the
+same way, as w is held by an FFN's first matmul), scatter keeps n whole. Blocks: see tpu.py and
+gpu.py (None keeps the backend's choice).
 """
+import functools
 from typing import Optional
 
 import jax
@@ -22,6 +35,8 @@ import jax.numpy as jnp
 
 from pallas_kernels import _common
 from pallas_kernels import _dispatch
+from pallas_kernels import _partition
+from pallas_kernels._partition import P
 from pallas_kernels.gather_matmul import gpu
 from pallas_kernels.gather_matmul import reference
 from pallas_kernels.gather_matmul import tpu
@@ -33,6 +48,60 @@ def _blocks(**blocks):
   return {k: v for k, v in blocks.items() if v is not None}
 
 
+@functools.lru_cache(maxsize=None)
+def _kernel_ops(backend, interpret: bool, gather_blocks: tuple, scatter_blocks: tuple):
+  """gather_matmul and scatter of one backend as custom-VJP functions whose backward passes run
+  the backend's kernels (see the module docstring)."""
+  gb, sb = dict(gather_blocks), dict(scatter_blocks)
+  rows_blocks = {k: v for k, v in sb.items() if k in ("block_rows", "block_n")}
+
+  def scatter_fwd_kernel(y, idx, out, mode):
+    return backend.scatter(y, idx, out, mode=mode, interpret=interpret, **sb)
+
+  @jax.custom_vjp
+  def gather_op(x, idx, w):
+    return backend.gather_matmul(x, idx, w, interpret=interpret, **gb)
+
+  def gather_fwd(x, idx, w):
+    return gather_op(x, idx, w), (x, idx, w)
+
+  def gather_bwd(res, g):
+    x, idx, w = res
+    gx = jnp.dot(g, w.T, preferred_element_type=jnp.float32).astype(x.dtype)
+    dx = scatter_fwd_kernel(gx, idx, jnp.zeros_like(x), "set")
+    dw = backend.gather_tmatmul(x, idx, g, interpret=interpret).astype(w.dtype)
+    return dx, None, dw
+
+  gather_op.defvjp(gather_fwd, gather_bwd)
+
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+  def scatter_op(y, idx, out, mode):
+    return scatter_fwd_kernel(y, idx, out, mode)
+
+  def scatter_fwd(y, idx, out, mode):
+    return scatter_op(y, idx, out, mode), idx
+
+  def scatter_bwd(mode, idx, g):
+    dy = backend.gather_rows(g, idx, interpret=interpret, **rows_blocks)
+    dout = g if mode == "add" else scatter_fwd_kernel(jnp.zeros_like(dy), idx, g, "set")
+    return dy, None, dout
+
+  scatter_op.defvjp(scatter_fwd, scatter_bwd)
+  return {"gather_matmul": gather_op, "scatter": scatter_op}
+
+
+def _kernels(blocks_tpu, blocks_gpu, scatter_tpu, scatter_gpu):
+  """(tpu, gpu) callables for _dispatch: (op name, *args, interpret) -> result."""
+  def tpu_fn(op, *args, interpret):
+    return _kernel_ops(tpu, interpret, tuple(sorted(blocks_tpu.items())),
+                       tuple(sorted(scatter_tpu.items())))[op](*args)
+
+  def gpu_fn(op, *args, interpret):
+    return _kernel_ops(gpu, interpret, tuple(sorted(blocks_gpu.items())),
+                       tuple(sorted(scatter_gpu.items())))[op](*args)
+  return tpu_fn, gpu_fn
+
+
 def gather_matmul(x: jax.Array, idx: jax.Array, w: jax.Array, *, impl: Optional[str] = None,
                   block_rows: Optional[int] = None, block_n: Optional[int] = None,
                   block_d: Optional[int] = None) -> jax.Array:
@@ -42,19 +111,31 @@ def gather_matmul(x: jax.Array, idx: jax.Array, w: jax.Array, *, impl: Optional[
                      f"{idx.shape}, {w.shape}.")
   if idx.shape[0] == 0:  # a capacity that rounded to zero: no kernel has an empty grid
     return jnp.zeros((0, w.shape[1]), x.dtype)
-  tpu_blocks = _blocks(block_rows=block_rows, block_n=block_n)
-  gpu_blocks = _blocks(block_rows=block_rows, block_n=block_n, block_d=block_d)
+  impl = _dispatch.resolve(impl)
+  tpu_fn, gpu_fn = _kernels(_blocks(block_rows=block_rows, block_n=block_n),
+                            _blocks(block_rows=block_rows, block_n=block_n, block_d=block_d),
+                            {}, {})
+  args = (x, jnp.asarray(idx, jnp.int32), w.astype(x.dtype))
 
-  def kernel(backend, blocks, interpret):
-    return _common.with_reference_vjp(
-        lambda *a: backend.gather_matmul(*a, interpret=interpret, **blocks),
-        reference.gather_matmul, diff_argnums=(0, 2))
+  def run(x, idx, w, split=None):
+    if split is not None:
+      idx = _partition.local_rows(split, idx, x.shape[0])
+    # One variance for every operand before the custom VJP, so that the cotangent of an operand
+    # replicated over a split axis is summed over it (the transpose of this cast) by autodiff.
+    x, idx, w = _common.match_varying(x, idx, w)
+    return _dispatch.dispatch(
+        impl, x, idx, w, reference=reference.gather_matmul,
+        tpu=lambda *a, interpret: tpu_fn("gather_matmul", *a, interpret=interpret),
+        gpu=lambda *a, interpret: gpu_fn("gather_matmul", *a, interpret=interpret))
 
-  return _dispatch.dispatch(
-      impl, x, jnp.asarray(idx, jnp.int32), w.astype(x.dtype),
-      reference=reference.gather_matmul,
-      tpu=lambda *a, interpret: kernel(tpu, tpu_blocks, interpret)(*a),
-      gpu=lambda *a, interpret: kernel(gpu, gpu_blocks, interpret)(*a))
+  split = None if impl == "xla" else _partition.split_for(
+      (x.shape[0], idx.shape[0]), tensor_dim=w.shape[1])
+  if split is None:
+    return run(*args)
+  rows, tensor = split.row_spec, split.tensor
+  return _partition.shard(functools.partial(run, split=split), split,
+                          in_specs=(P(rows, None), P(rows), P(None, tensor)),
+                          out_specs=P(rows, tensor))(*args)
 
 
 def scatter(y: jax.Array, idx: jax.Array, out: jax.Array, *, mode: str = "add",
@@ -68,22 +149,27 @@ def scatter(y: jax.Array, idx: jax.Array, out: jax.Array, *, mode: str = "add",
                      f"{idx.shape}, {out.shape}.")
   if idx.shape[0] == 0:
     return out
-  tpu_blocks = _blocks(block_rows=block_rows)
-  gpu_blocks = _blocks(block_rows=block_rows, block_n=block_n)
+  impl = _dispatch.resolve(impl)
+  blocks = _blocks(block_rows=block_rows, block_n=block_n)
+  tpu_fn, gpu_fn = _kernels({}, {}, _blocks(block_rows=block_rows), blocks)
+  args = (y.astype(out.dtype), jnp.asarray(idx, jnp.int32), out)
 
-  def ref(y, idx, out):
-    return reference.scatter(y, idx, out, mode=mode)
+  def run(y, idx, out, split=None):
+    if split is not None:
+      idx = _partition.local_rows(split, idx, out.shape[0])
+    y, idx, out = _common.match_varying(y, idx, out)
+    return _dispatch.dispatch(
+        impl, y, idx, out, reference=functools.partial(reference.scatter, mode=mode),
+        tpu=lambda *a, interpret: tpu_fn("scatter", *a, mode, interpret=interpret),
+        gpu=lambda *a, interpret: gpu_fn("scatter", *a, mode, interpret=interpret))
 
-  def kernel(backend, blocks, interpret):
-    return _common.with_reference_vjp(
-        lambda *a: backend.scatter(*a, mode=mode, interpret=interpret, **blocks),
-        ref, diff_argnums=(0, 2))
-
-  return _dispatch.dispatch(
-      impl, y.astype(out.dtype), jnp.asarray(idx, jnp.int32), out,
-      reference=ref,
-      tpu=lambda *a, interpret: kernel(tpu, tpu_blocks, interpret)(*a),
-      gpu=lambda *a, interpret: kernel(gpu, gpu_blocks, interpret)(*a))
+  split = None if impl == "xla" else _partition.split_for((out.shape[0], idx.shape[0]))
+  if split is None:
+    return run(*args)
+  rows = split.row_spec
+  return _partition.shard(functools.partial(run, split=split), split,
+                          in_specs=(P(rows, None), P(rows), P(rows, None)),
+                          out_specs=P(rows, None))(*args)
 
 
 __all__ = ["gather_matmul", "scatter", "MODES"]

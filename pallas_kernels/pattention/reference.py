@@ -36,3 +36,22 @@ def pattention(x, k_p, v_p, *, tau: float, eps: float = EPS):
   s = jnp.dot(x, k_p.T, preferred_element_type=jnp.float32)
   a = normalised_scores(s, tau, eps).astype(v_p.dtype)
   return jnp.dot(a, v_p, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+# The two halves the op runs when the parameter tokens are split over a mesh axis: each shard's
+# row_norms, summed over the shards (a psum), feed each shard's attend, whose outputs are summed.
+# attend(x, k, v, row_norms(x, k)) == pattention(x, k, v).
+
+
+def row_norms(x, k_p):
+  """sum_j S_ij^2, f32 [t]: the squared L2 norms of the score rows over these keys."""
+  s = jnp.dot(x, k_p.T, preferred_element_type=jnp.float32)
+  return jnp.sum(s * s, axis=-1)
+
+
+def attend(x, k_p, v_p, sq_norms, *, tau: float, eps: float = EPS, out_dtype=None):
+  """GeLU(S_i tau / sqrt(sq_norms_i + eps)) V_P with the norms given (of all n keys), in
+  out_dtype (None: x.dtype; f32 for partial sums over a split of the keys)."""
+  s = jnp.dot(x, k_p.T, preferred_element_type=jnp.float32)
+  a = _common.gelu_exact(s * (tau * jax.lax.rsqrt(sq_norms + eps))[:, None]).astype(v_p.dtype)
+  return jnp.dot(a, v_p, preferred_element_type=jnp.float32).astype(out_dtype or x.dtype)

@@ -13,7 +13,11 @@ stores zeros without a matmul.
 
 Blocks are powers of two (Triton), at least 16 (tensor-core dot), clamped down to the next power
 of two above small dimensions; loads and stores are masked, so no dimension needs to divide a
-block. Defaults: block_m 64, block_k 32, block_n 64; f32 accumulation. No capacity: every row
+block. Defaults by shape (`default_blocks`): 128 x 128 output tiles with 8 warps when both
+dimensions reach 1024, else 64 x 64 with 4; block_k 64 for 16-bit inputs, 32 for float32 (twice
+the shared memory per element); 3 pipeline stages (about 96 KiB of shared memory at the largest
+tiles, within an H100's 228 KiB). Chosen from Triton's usual matmul configurations, not tuned
+on hardware here (no GPU was available). f32 accumulation. No capacity: every row
 of every group is computed, nothing overflows.
 """
 import functools
@@ -37,6 +41,16 @@ def _limits(limit, e, size):
       limit.astype(jnp.int32), size)
 
 
+def default_blocks(rows: int, cols: int, dtype, block_m=None, block_k=None, block_n=None):
+  """(block_m, block_k, block_n, num_warps): the shape rule of the module docstring, any block
+  given explicitly kept. `rows` x `cols` is the output tile grid's extent."""
+  wide = rows >= 1024 and cols >= 1024
+  bm = block_m or (128 if wide else 64)
+  bn = block_n or (128 if wide else 64)
+  bk = block_k or (64 if jnp.dtype(dtype).itemsize <= 2 else 32)
+  return bm, bk, bn, 8 if bm * bn >= 128 * 128 else 4
+
+
 def tile_groups(group_sizes, m: int, bm: int):
   """(lo, hi) int32 [cdiv(m, bm)]: groups lo..hi hold rows of the tile; hi < lo if none."""
   starts, ends = reference.group_bounds(group_sizes, m)
@@ -49,16 +63,19 @@ def tile_groups(group_sizes, m: int, bm: int):
 
 
 def gmm(lhs, rhs, group_sizes, *, k_limit=None, n_limit=None, transpose_rhs=False,
-        block_m=64, block_k=32, block_n=64, interpret=False):
+        block_m=None, block_k=None, block_n=None, interpret=False):
   """Grouped matmul lhs [m, K] x rhs [E, K, N] (or [E, N, K] transposed) -> [m, N]."""
   m, k = lhs.shape
   e = rhs.shape[0]
   n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+  block_m, block_k, block_n, warps = default_blocks(m, n, lhs.dtype, block_m, block_k, block_n)
   bm, bk, bn = (_common.gpu_block(m, block_m), _common.gpu_block(k, block_k),
                 _common.gpu_block(n, block_n))
   lo, hi = tile_groups(group_sizes, m, bm)
   starts, ends = reference.group_bounds(group_sizes, m)
   k_limit, n_limit = _limits(k_limit, e, k), _limits(n_limit, e, n)
+  operands = composed.match_varying(lo, hi, starts, ends, k_limit, n_limit, lhs, rhs)
+  lhs = operands[-2]
 
   def kernel(lo_ref, hi_ref, s_ref, e_ref, k_lim_ref, n_lim_ref, lhs_ref, rhs_ref, out_ref):
     i, j = pl.program_id(0), pl.program_id(1)
@@ -94,25 +111,31 @@ def gmm(lhs, rhs, group_sizes, *, k_limit=None, n_limit=None, transpose_rhs=Fals
 
   return pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((m, n), lhs.dtype),
+      out_shape=composed.out_struct((m, n), lhs.dtype, lhs),
       grid=(_common.cdiv(m, bm), _common.cdiv(n, bn)),
       in_specs=[_ANY] * 8,
       out_specs=_ANY,
-      compiler_params=_common.triton_params(),
+      compiler_params=_common.triton_params(num_warps=warps, num_stages=3),
+      cost_estimate=reference.gmm_cost(lhs, rhs, n),
       interpret=interpret,
-      name="routed_gmm")(lo, hi, starts, ends, k_limit, n_limit, lhs, rhs)
+      name="routed_gmm")(*operands)
 
 
 def tgmm(lhs, rhs, group_sizes, *, a_limit=None, b_limit=None, out_dtype=None,
-         block_m=64, block_k=32, block_n=64, interpret=False):
-  """Per-group lhs^T rhs: lhs [m, A], rhs [m, B] -> [E, A, B]; A tiled by block_k, B by block_n."""
+         block_m=None, block_k=None, block_n=None, interpret=False):
+  """Per-group lhs^T rhs: lhs [m, A], rhs [m, B] -> [E, A, B]; A tiled by block_k, B by block_n
+  (the output tile), the rows (the contraction) by block_m."""
   m, a = lhs.shape
   b = rhs.shape[1]
   e = group_sizes.shape[0]
+  # The output tile is block_k x block_n here and block_m runs over the contraction.
+  block_k, block_m, block_n, warps = default_blocks(a, b, lhs.dtype, block_k, block_m, block_n)
   bm, ba, bb = (_common.gpu_block(m, block_m), _common.gpu_block(a, block_k),
                 _common.gpu_block(b, block_n))
   starts, ends = reference.group_bounds(group_sizes, m)
   a_limit, b_limit = _limits(a_limit, e, a), _limits(b_limit, e, b)
+  operands = composed.match_varying(starts, ends, a_limit, b_limit, lhs, rhs)
+  lhs = operands[-2]
 
   def kernel(s_ref, e_ref, a_lim_ref, b_lim_ref, lhs_ref, rhs_ref, out_ref):
     ai, bi, g = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -139,17 +162,18 @@ def tgmm(lhs, rhs, group_sizes, *, a_limit=None, b_limit=None, out_dtype=None,
 
   return pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((e, a, b), out_dtype or lhs.dtype),
+      out_shape=composed.out_struct((e, a, b), out_dtype or lhs.dtype, lhs),
       grid=(_common.cdiv(a, ba), _common.cdiv(b, bb), e),
       in_specs=[_ANY] * 6,
       out_specs=_ANY,
-      compiler_params=_common.triton_params(),
+      compiler_params=_common.triton_params(num_warps=warps, num_stages=3),
+      cost_estimate=reference.tgmm_cost(lhs, rhs, e, out_dtype or lhs.dtype),
       interpret=interpret,
-      name="routed_tgmm")(starts, ends, a_limit, b_limit, lhs, rhs)
+      name="routed_tgmm")(*operands)
 
 
-def routed_ffn(x, group_sizes, w_in, w_out, widths, *, activation="gelu", block_m=64,
-               block_k=32, block_n=64, interpret=False):
+def routed_ffn(x, group_sizes, w_in, w_out, widths, *, activation="gelu", block_m=None,
+               block_k=None, block_n=None, interpret=False):
   """The routed FFN (see reference.py) from these kernels, with a kernel backward pass."""
   blocks = dict(block_m=block_m, block_k=block_k, block_n=block_n, interpret=interpret)
   ffn = composed.build(functools.partial(gmm, **blocks), functools.partial(tgmm, **blocks),

@@ -11,12 +11,51 @@ Every group is evaluated on every row and masked: obviously right, and E times t
 Rounding follows the kernels: f32 accumulation, the hidden pre-activation and activation stored
 in the input dtype.
 """
-from typing import Optional
+import functools
+import math
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
-from pallas_kernels import _common
+# The activations of routed_ffn, named as layers.mlp names them so that a model's FFN and the
+# kernel compute one function: "gelu" is the exact (erf) GeLU every config uses. The activation
+# runs in XLA between the grouped matmuls (composed.py), so no kernel needs an erf of its own.
+ACTIVATIONS = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+}
+
+
+def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
+  if name not in ACTIVATIONS:
+    raise ValueError(f"routed_ffn: unknown activation {name!r}; choose one of "
+                     f"{sorted(ACTIVATIONS)}.")
+  return ACTIVATIONS[name]
+
+
+def _nbytes(shape, dtype) -> int:
+  return math.prod(shape) * jnp.dtype(dtype).itemsize
+
+
+def gmm_cost(lhs, rhs, n: int) -> pl.CostEstimate:
+  """XLA's estimate of a gmm: the bound of every row multiplied by one full group matrix (the
+  real work is lower by the skipped rows and the width limits, which are traced values)."""
+  m, k = lhs.shape
+  return pl.CostEstimate(flops=2 * m * k * n, transcendentals=0, bytes_accessed=(
+      _nbytes(lhs.shape, lhs.dtype) + _nbytes(rhs.shape, rhs.dtype)
+      + _nbytes((m, n), lhs.dtype)))
+
+
+def tgmm_cost(lhs, rhs, e: int, out_dtype) -> pl.CostEstimate:
+  """XLA's estimate of a tgmm: every row's outer product added once (to its group's output)."""
+  (m, a), b = lhs.shape, rhs.shape[1]
+  return pl.CostEstimate(flops=2 * m * a * b, transcendentals=0, bytes_accessed=(
+      _nbytes(lhs.shape, lhs.dtype) + _nbytes(rhs.shape, rhs.dtype)
+      + _nbytes((e, a, b), out_dtype)))
 
 
 def group_bounds(group_sizes: jax.Array, m: int):
@@ -74,7 +113,7 @@ def tgmm(lhs, rhs, group_sizes, *, a_limit=None, b_limit=None, out_dtype=None):
 
 def routed_ffn(x, group_sizes, w_in, w_out, widths, *, activation="gelu"):
   """The routed FFN: see the module docstring. x [m, d] -> [m, d]."""
-  act = _common.activation_fn(activation)
+  act = activation_fn(activation)
   m, _ = x.shape
   e, _, f = w_in.shape
   member = _row_group_mask(group_sizes, m)

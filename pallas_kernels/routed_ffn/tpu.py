@@ -15,10 +15,21 @@ bounds, width limits) lives in SMEM via scalar prefetch, and the BlockSpec index
 Skipped rows. A row tile whose rows all belong to the skip group (rows past sum(group_sizes))
 gets one gmm visit without the ACTIVE flag: it writes zeros from a zeroed accumulator while the
 input index maps stay on the last routed block, so the tile is never fetched nor multiplied.
-Skip rows inside a tile shared with a routed group are masked to zero.
+Skip rows inside a tile shared with a routed group are written as zeros.
+
+Masking (as jax's megablox gmm). gmm multiplies whole tiles: the rows of other groups and the
+columns past a group's n limit are computed and dropped by the store, which writes only the
+visit's group rows (a select on the f32 accumulator once per visit). Only the k tile holding
+the group's k limit or the k remainder masks its operands, since past the limit they may hold
+anything (padding, NaN). tgmm contracts over rows, so a row tile that straddles a group bound
+masks its rows; tiles inside the group multiply unmasked; columns past the limits are dropped
+at the store.
 
 Widths. A group's k / n limit (its hidden width) bounds the work: k tiles past the limit are
 not fetched or multiplied; n tiles past it are written as zeros without a matmul.
+
+Cost estimates. Both calls give XLA a `pl.CostEstimate`: the matmul flops and bytes of the
+bound (every row through one group's full matrix), since the real counts are traced values.
 
 Blocks: block_m rows (multiple of 8, or 16 for bf16), block_k and block_n lanes (multiples of
 128), each clamped to the whole dimension when that is smaller. Defaults 128 x 512 x 512: in
@@ -107,7 +118,8 @@ def gmm(lhs, rhs, group_sizes, *, k_limit=None, n_limit=None, transpose_rhs=Fals
   group, in_tile, out_tile, flags = schedule(group_sizes, m, tm, for_tgmm=False)
   starts, ends = reference.group_bounds(group_sizes, m)
   k_limit, n_limit = _limits(k_limit, e, k), _limits(n_limit, e, n)
-  prefetch = (group, in_tile, out_tile, flags, starts, ends, k_limit, n_limit)
+  *prefetch, lhs, rhs = composed.match_varying(group, in_tile, out_tile, flags, starts, ends,
+                                               k_limit, n_limit, lhs, rhs)
 
   def k_block(kk, v, g, flags_ref, k_lim_ref):
     # Past a group's k limit, and on visits that do not multiply, stay on the last block
@@ -128,38 +140,49 @@ def gmm(lhs, rhs, group_sizes, *, k_limit=None, n_limit=None, transpose_rhs=Fals
   def out_map(nn, v, kk, group_ref, in_ref, out_ref, *_):
     return out_ref[v], nn
 
+  dims = (((1,), (1 if transpose_rhs else 0,)), ((), ()))
+
   def kernel(group_ref, in_ref, out_tile_ref, flags_ref, s_ref, e_ref, k_lim_ref, n_lim_ref,
              lhs_ref, rhs_ref, out_ref, acc_ref):
     nn, v, kk = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     g, fl = group_ref[v], flags_ref[v]
     k_lim, n_lim = k_lim_ref[g], n_lim_ref[g]
+    multiplies = ((fl & ACTIVE) != 0) & (kk * tk < k_lim) & (nn * tn < n_lim)
+    # Only the k tile holding the group's k limit (or the k remainder) reads past it: lhs and
+    # rhs are masked there alone. Rows of other groups and columns past n_lim are multiplied
+    # unmasked and dropped at the store.
+    k_edge = (kk + 1) * tk > k_lim
 
-    @pl.when(((fl & FIRST) != 0) & (kk == 0))
+    @pl.when(kk == 0)
     def _zero():
       acc_ref[...] = jnp.zeros_like(acc_ref)
 
-    @pl.when(((fl & ACTIVE) != 0) & (kk * tk < k_lim) & (nn * tn < n_lim))
+    @pl.when(multiplies & ~k_edge)
     def _accumulate():
-      rows = in_ref[v] * tm + _iota((tm, tk), 0)
-      lhs_cols = kk * tk + _iota((tm, tk), 1)
-      keep = (rows >= s_ref[g]) & (rows < e_ref[g]) & (lhs_cols < k_lim)
-      x = _common.tpu_select(keep, lhs_ref[...])
-      w_shape = rhs_ref.shape
-      k_dim = 1 if transpose_rhs else 0
-      w_k = kk * tk + _iota(w_shape, k_dim)
-      w_n = nn * tn + _iota(w_shape, 1 - k_dim)
-      w = _common.tpu_select((w_k < k_lim) & (w_n < n_lim), rhs_ref[...])
-      dims = (((1,), (k_dim,)), ((), ()))
+      acc_ref[...] += jax.lax.dot_general(lhs_ref[...], rhs_ref[...], dims,
+                                          preferred_element_type=jnp.float32)
+
+    @pl.when(multiplies & k_edge)
+    def _accumulate_k_edge():
+      k_dim = dims[0][1][0]
+      x = _common.tpu_select(kk * tk + _iota(lhs_ref.shape, 1) < k_lim, lhs_ref[...])
+      w = _common.tpu_select(kk * tk + _iota(rhs_ref.shape, k_dim) < k_lim, rhs_ref[...])
       acc_ref[...] += jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32)
 
-    @pl.when(((fl & LAST) != 0) & (kk == k_grid - 1))
+    @pl.when((kk == k_grid - 1) & (fl != 0))
     def _store():
-      out_ref[...] = acc_ref[...].astype(out_ref.dtype)
+      # Each visit writes its group's rows of the tile; the first visit of a tile also zeroes
+      # the rest (skip rows, and every row of an all-skipped tile's visit).
+      rows = out_tile_ref[v] * tm + _iota((tm, tn), 0)
+      cols = nn * tn + _iota((tm, tn), 1)
+      keep = ((fl & ACTIVE) != 0) & (rows >= s_ref[g]) & (rows < e_ref[g]) & (cols < n_lim)
+      base = jnp.where((fl & FIRST) != 0, 0.0, out_ref[...].astype(jnp.float32))
+      out_ref[...] = jnp.where(keep, acc_ref[...], base).astype(out_ref.dtype)
 
   rhs_block = (None, tn, tk) if transpose_rhs else (None, tk, tn)
   return pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((m, n), lhs.dtype),
+      out_shape=composed.out_struct((m, n), lhs.dtype, lhs),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=len(prefetch),
           grid=(n_grid, group.shape[0], k_grid),
@@ -168,6 +191,7 @@ def gmm(lhs, rhs, group_sizes, *, k_limit=None, n_limit=None, transpose_rhs=Fals
           scratch_shapes=[pltpu.VMEM((tm, tn), jnp.float32)]),
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "arbitrary", "arbitrary")),
+      cost_estimate=reference.gmm_cost(lhs, rhs, n),
       interpret=_common.TPU_INTERPRET if interpret else False,
       name="routed_gmm")(*prefetch, lhs, rhs)
 
@@ -185,7 +209,8 @@ def tgmm(lhs, rhs, group_sizes, *, a_limit=None, b_limit=None, out_dtype=None,
   group, tile, _, flags = schedule(group_sizes, m, tm, for_tgmm=True)
   starts, ends = reference.group_bounds(group_sizes, m)
   a_limit, b_limit = _limits(a_limit, e, a), _limits(b_limit, e, b)
-  prefetch = (group, tile, flags, starts, ends, a_limit, b_limit)
+  *prefetch, lhs, rhs = composed.match_varying(group, tile, flags, starts, ends, a_limit,
+                                               b_limit, lhs, rhs)
 
   def lhs_map(ai, bi, v, group_ref, tile_ref, *_):
     return tile_ref[v], ai
@@ -201,33 +226,42 @@ def tgmm(lhs, rhs, group_sizes, *, a_limit=None, b_limit=None, out_dtype=None,
     ai, bi, v = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     g, fl = group_ref[v], flags_ref[v]
     a_lim, b_lim = a_lim_ref[g], b_lim_ref[g]
+    start, end = s_ref[g], e_ref[g]
+    first_row = tile_ref[v] * tm
 
     @pl.when((fl & FIRST) != 0)
     def _zero():
       acc_ref[...] = jnp.zeros_like(acc_ref)
 
-    compute = (((fl & ACTIVE) != 0) & (e_ref[g] > s_ref[g])
-               & (ai * ta < a_lim) & (bi * tb < b_lim))
+    multiplies = (((fl & ACTIVE) != 0) & (end > start)
+                  & (ai * ta < a_lim) & (bi * tb < b_lim))
+    # The rows are the contraction: only a tile that straddles the group's bounds masks them.
+    inside = (first_row >= start) & (first_row + tm <= end)
+    contract = (((0,), (0,)), ((), ()))
 
-    @pl.when(compute)
+    @pl.when(multiplies & inside)
     def _accumulate():
-      def masked(ref, t, col_block, lim):
-        rows = tile_ref[v] * tm + _iota((tm, t), 0)
-        cols = col_block * t + _iota((tm, t), 1)
-        return _common.tpu_select((rows >= s_ref[g]) & (rows < e_ref[g]) & (cols < lim), ref[...])
-
-      x = masked(lhs_ref, ta, ai, a_lim)
-      y = masked(rhs_ref, tb, bi, b_lim)
-      acc_ref[...] += jax.lax.dot_general(x, y, (((0,), (0,)), ((), ())),
+      acc_ref[...] += jax.lax.dot_general(lhs_ref[...], rhs_ref[...], contract,
                                           preferred_element_type=jnp.float32)
+
+    @pl.when(multiplies & ~inside)
+    def _accumulate_edge():
+      def rows_of_group(ref):
+        rows = first_row + _iota(ref.shape, 0)
+        return _common.tpu_select((rows >= start) & (rows < end), ref[...])
+
+      acc_ref[...] += jax.lax.dot_general(rows_of_group(lhs_ref), rows_of_group(rhs_ref),
+                                          contract, preferred_element_type=jnp.float32)
 
     @pl.when((fl & LAST) != 0)
     def _store():
-      out_ref[...] = acc_ref[...].astype(out_ref.dtype)
+      keep = ((ai * ta + _iota((ta, tb), 0) < a_lim)
+              & (bi * tb + _iota((ta, tb), 1) < b_lim))
+      out_ref[...] = jnp.where(keep, acc_ref[...], 0.0).astype(out_ref.dtype)
 
   return pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((e, a, b), out_dtype or lhs.dtype),
+      out_shape=composed.out_struct((e, a, b), out_dtype or lhs.dtype, lhs),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=len(prefetch),
           grid=(_common.cdiv(a, ta), _common.cdiv(b, tb), group.shape[0]),
@@ -236,6 +270,7 @@ def tgmm(lhs, rhs, group_sizes, *, a_limit=None, b_limit=None, out_dtype=None,
           scratch_shapes=[pltpu.VMEM((ta, tb), jnp.float32)]),
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "arbitrary")),
+      cost_estimate=reference.tgmm_cost(lhs, rhs, e, out_dtype or lhs.dtype),
       interpret=_common.TPU_INTERPRET if interpret else False,
       name="routed_tgmm")(*prefetch, lhs, rhs)
 

@@ -1,3 +1,4 @@
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -57,3 +58,49 @@ def test_partial_rope_leaves_the_unrotated_features_alone():
   y = apply_rope(x, jnp.array([[4, 5, 6]]), fraction=0.25)
   np.testing.assert_array_equal(y[..., 4:], x[..., 4:])
   assert not np.allclose(y[..., :4], x[..., :4])
+
+
+def _init(module, x, positions):
+  return jax.tree.map(np.asarray, nn.meta.unbox(module.init(jax.random.key(1), x, positions)))
+
+
+def test_grouped_query_attention_equals_attention_with_repeated_kv_heads():
+  b, t, d, h, kv, hd = 2, 6, 16, 4, 2, 8
+  x = jax.random.normal(jax.random.key(0), (b, t, d))
+  positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+  gqa = MultiHeadAttention(h, hd, num_kv_heads=kv, qkv_bias=True, out_bias=True)
+  variables = _init(gqa, x, positions)
+  p = variables["params"]
+  assert p["key"].shape == (d, kv, hd) and p["query"].shape == (d, h, hd)
+  # Query head i reads kv head i // (h / kv): repeat each kv head h / kv times.
+  rep = {n: np.repeat(p[n], h // kv, axis=-2) for n in ("key", "value", "key_bias", "value_bias")}
+  mha = MultiHeadAttention(h, hd, qkv_bias=True, out_bias=True)
+  want = mha.apply({"params": {**p, **rep}}, x, positions)
+  np.testing.assert_allclose(gqa.apply(variables, x, positions), want, rtol=1e-5, atol=1e-5)
+
+
+def test_sliding_window_matches_a_textbook_banded_mask():
+  b, t, d, h, hd, window = 1, 9, 8, 2, 4, 3
+  x = jax.random.normal(jax.random.key(0), (b, t, d))
+  positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+  attn = MultiHeadAttention(h, hd, window=window, rope_fraction=0.0)
+  p = _init(attn, x, positions)["params"]
+  q, k, v = (np.einsum("btd,dhk->bthk", np.asarray(x), p[n]) for n in ("query", "key", "value"))
+  i, j = np.arange(t)[:, None], np.arange(t)[None]
+  visible = (j <= i) & (j > i - window)  # the query itself and the window - 1 keys before it
+  s = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(hd)
+  s = np.where(visible, s, -np.inf)
+  w = np.exp(s - s.max(-1, keepdims=True))
+  w /= w.sum(-1, keepdims=True)
+  want = np.einsum("bqhk,hkd->bqd", np.einsum("bhqk,bkhd->bqhd", w, v), p["out"])
+  np.testing.assert_allclose(attn.apply({"params": p}, x, positions), want, rtol=1e-5, atol=1e-5)
+
+
+def test_rotate_half_layout_is_the_interleaved_rotation_on_permuted_features():
+  x = jax.random.normal(jax.random.key(0), (1, 5, 2, 8))
+  positions = jnp.arange(5)[None]
+  # Feature i of the first half pairs with i + 4; interleaving the halves gives pairs (2i, 2i+1).
+  order = np.stack([np.arange(4), np.arange(4) + 4], axis=-1).reshape(-1)
+  half = apply_rope(x, positions, layout="half")
+  interleaved = apply_rope(x[..., order], positions, layout="interleaved")
+  np.testing.assert_allclose(half[..., order], interleaved, rtol=1e-6, atol=1e-6)

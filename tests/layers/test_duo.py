@@ -1,4 +1,5 @@
 """DuoFFN (Duo-LLM): big / small / skip routing per token, its compute paths and accounting."""
+import dataclasses
 import functools
 import math
 
@@ -63,20 +64,21 @@ def _apply(module, p, x, *, routes=None, rngs=None):
 
 
 def _expected_overflow(routes, k_small, k_big):
-  """The gather path's overflow rule, token by token in priority order (position, then row)."""
-  b, t = routes.shape
-  order = [(i, j) for j in range(t) for i in range(b)]
-  taken = np.full((b, t), SKIP)
-  demoted = []
-  for i, j in order:
-    if routes[i, j] == BIG:
-      if k_big:
-        taken[i, j], k_big = BIG, k_big - 1
-      else:
-        demoted.append((i, j))
-  for i, j in [o for o in order if routes[o] == SMALL] + demoted:
-    if k_small:
-      taken[i, j], k_small = SMALL, k_small - 1
+  """The gather path's overflow rule, row by row, token by token in position order, with
+  k_small and k_big slots per row."""
+  taken = np.full(routes.shape, SKIP)
+  for i, row in enumerate(routes):
+    big_left, demoted = k_big, []
+    for j, r in enumerate(row):
+      if r == BIG:
+        if big_left:
+          taken[i, j], big_left = BIG, big_left - 1
+        else:
+          demoted.append(j)
+    small_left = k_small
+    for j in [j for j, r in enumerate(row) if r == SMALL] + demoted:
+      if small_left:
+        taken[i, j], small_left = SMALL, small_left - 1
   return taken
 
 
@@ -148,8 +150,9 @@ def test_random_route_frequencies_match_mix(p):
 
 
 def test_evaluation_random_routes_are_seeded_independent_per_layer_and_follow_the_mix():
-  """No routing rng (evaluation): each scanned layer draws its own seeded pattern."""
-  mix, num_layers, b, t = np.array([0.2, 0.3, 0.5]), 4, 8, 128
+  """No routing rng (evaluation): each scanned layer draws its own seeded pattern over the
+  positions, the same in every row (a function of seed, layer and position)."""
+  mix, num_layers, b, t = np.array([0.2, 0.3, 0.5]), 4, 2, 512
   cfg = DecoderConfig(vocab_size=40, num_layers=num_layers, d_model=16, num_heads=2,
                       head_dim=8, d_ff=32, max_len=t,
                       ffn_cls=functools.partial(DuoFFN, mode="random", mix=tuple(mix)))
@@ -167,20 +170,20 @@ def test_evaluation_random_routes_are_seeded_independent_per_layer_and_follow_th
   params = _params(DecoderLM(cfg), ids)
   routes = routes_of(cfg, params)
   np.testing.assert_array_equal(routes, routes_of(cfg, params))  # deterministic
+  np.testing.assert_array_equal(routes[:, 0], routes[:, 1])      # rows share the positions' draws
   unrolled = DecoderConfig(**{**cfg.__dict__, "scan_layers": False})
   np.testing.assert_array_equal(routes, routes_of(unrolled, _scan_to_unrolled(params, num_layers)))
-  n = b * t
   for layer in range(num_layers):
-    counts = np.bincount(routes[layer].ravel(), minlength=3)
+    counts = np.bincount(routes[layer, 0], minlength=3)
     # 4.5 binomial standard deviations per route: a false alarm about once in 10^5.
-    np.testing.assert_array_less(np.abs(counts - n * mix), 4.5 * np.sqrt(n * mix * (1 - mix)))
-  # Independent layers agree on a token with probability sum_m p_m^2 = 0.38; one shared
+    np.testing.assert_array_less(np.abs(counts - t * mix), 4.5 * np.sqrt(t * mix * (1 - mix)))
+  # Independent layers agree on a position with probability sum_m p_m^2 = 0.38; one shared
   # pattern (the seed key without the layer) would agree everywhere.
   agree_p = float(np.sum(mix ** 2))
   for i in range(num_layers):
     for j in range(i + 1, num_layers):
-      agree = np.mean(routes[i] == routes[j])
-      assert abs(agree - agree_p) < 4.5 * np.sqrt(agree_p * (1 - agree_p) / n), (i, j, agree)
+      agree = np.mean(routes[i, 0] == routes[j, 0])
+      assert abs(agree - agree_p) < 4.5 * np.sqrt(agree_p * (1 - agree_p) / t), (i, j, agree)
   other_seed = DecoderConfig(**{**cfg.__dict__, "ffn_cls": functools.partial(
       DuoFFN, mode="random", mix=tuple(mix), seed=1)})
   assert np.mean(routes_of(other_seed, params) == routes) < 0.5
@@ -269,14 +272,15 @@ def test_gather_path_equals_masked_path_when_capacity_suffices(capacity, p):
   np.testing.assert_array_equal(macs, want_macs)
 
 
-# 24 tokens: 16 routed big, 5 small. BIG keeps 5; with 6 small slots one demoted big token
-# fits and ten are skipped; with 3, two small-routed tokens and every demoted one are skipped.
-@pytest.mark.parametrize("k_small, demoted, small_skipped", [(6, 1, 0), (3, 0, 2)])
+# 4 rows of 6 tokens (big: 4, 2, 4, 6 per row; small: 1, 3, 1, 0). BIG keeps 2 per row. With
+# 2 small slots per row, rows 0 and 2 take one demoted big token, row 3 two, and row 1 skips
+# one of its 3 small tokens; with 1 slot only row 3 takes a demoted token and row 1 skips 2.
+@pytest.mark.parametrize("k_small, demoted, small_skipped", [(2, 4, 1), (1, 1, 2)])
 def test_gather_path_overflow_demotes_big_to_small_then_skips(k_small, demoted, small_skipped, p):
   x = _x((4, 6, D))
   routes = jax.random.choice(jax.random.key(2), 3, (4, 6), p=jnp.array([0.1, 0.2, 0.7]))
-  k_big = 5
-  module = DuoFFN(d_ff=F, compute="gather", capacity=(k_small / 24, k_big / 24))
+  k_big = 2
+  module = DuoFFN(d_ff=F, compute="gather", capacity=(k_small / 6, k_big / 6))
   y, taken, macs, _ = _apply(module, p, x, routes=routes)
   r, want = np.asarray(routes), _expected_overflow(np.asarray(routes), k_small, k_big)
   assert ((r == BIG) & (want == SMALL)).sum() == demoted
@@ -284,6 +288,21 @@ def test_gather_path_overflow_demotes_big_to_small_then_skips(k_small, demoted, 
   np.testing.assert_array_equal(taken, want)
   np.testing.assert_allclose(y, _expected(p, x, want), rtol=1e-4, atol=1e-5)
   np.testing.assert_array_equal(macs, np.choose(want, [0, 2 * D * F_SMALL, 2 * D * F]))
+
+
+def test_gather_rows_are_independent_of_the_rest_of_the_batch_under_binding_capacity(p):
+  """Capacity is per sequence row: a row's output and routes are the same alone and in a batch
+  whose other rows route very differently (all big), with capacity binding in every row."""
+  x = _x((4, T, D), seed=3)
+  routes = jnp.concatenate([_routes((1, T), seed=4), jnp.full((3, T), BIG)])
+  module = DuoFFN(d_ff=F, compute="gather", capacity=(0.25, 0.25))
+  batch_y, batch_taken, _, _ = _apply(module, p, x, routes=routes)
+  alone_y, alone_taken, _, _ = _apply(module, p, x[:1], routes=routes[:1])
+  np.testing.assert_array_equal(batch_taken[:1], alone_taken)
+  np.testing.assert_allclose(batch_y[:1], alone_y, rtol=1e-5, atol=1e-5)
+  assert (np.asarray(batch_taken[1:]) == BIG).sum(axis=1).tolist() == [2, 2, 2]  # it binds
+  np.testing.assert_array_equal(
+      alone_taken, _expected_overflow(np.asarray(routes[:1]), 2, 2))
 
 
 def test_gather_path_compiled_flops_fall_with_capacity(p):
@@ -302,20 +321,65 @@ def test_gather_path_compiled_flops_fall_with_capacity(p):
   np.testing.assert_allclose([quarter / full, half / full], [0.25, 0.5], rtol=0.1)
 
 
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "silu"])
 @pytest.mark.parametrize("impl", ["xla", "interpret"])
-def test_sorted_path_equals_masked_path(impl, p):
+def test_sorted_path_equals_masked_path(impl, activation, p):
   x, routes = _x(), _routes()
-  masked = DuoFFN(d_ff=F, activation="gelu_tanh")
+  masked = DuoFFN(d_ff=F, activation=activation)
   want, _, want_macs, _ = _apply(masked, p, x, routes=routes)
   y, taken, macs, _ = _apply(masked.clone(compute="sorted", impl=impl), p, x, routes=routes)
   np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(taken, routes)
   np.testing.assert_array_equal(macs, want_macs)
+  if activation == "gelu":  # the model's exact GeLU, written independently in numpy
+    np.testing.assert_allclose(y, _expected(p, x, routes), rtol=1e-4, atol=1e-5)
 
 
-def test_sorted_path_rejects_the_erf_gelu_routed_ffn_lacks():
-  with pytest.raises(ValueError, match="gelu_tanh"):
-    DuoFFN(d_ff=F, compute="sorted").init(jax.random.key(0), _x())
+def test_exact_mix_draws_round_p_t_of_each_route_per_row_at_uniform_positions(p):
+  mix, t = (0.2, 0.3, 0.5), 20
+  module = DuoFFN(d_ff=F, mix=mix, mix_exact=True)
+  _, routes, _, _ = _apply(module, p, _x((256, t, D)), rngs={"routing": jax.random.key(3)})
+  routes = np.asarray(routes)
+  for r, n in ((SKIP, 4), (SMALL, 6), (BIG, 10)):
+    assert ((routes == r).sum(axis=1) == n).all()
+    # Every position takes route r with probability n / t (4.5 binomial sd per position).
+    freq = (routes == r).mean(axis=0)
+    sd = np.sqrt(n / t * (1 - n / t) / routes.shape[0])
+    np.testing.assert_array_less(np.abs(freq - n / t), 4.5 * sd)
+
+
+def _duo_grad(module, p, x):
+  """(loss, grads) of a random-route DuoFFN under a training routing rng."""
+  def loss(q):
+    return jnp.mean(jnp.square(module.apply({"params": q}, x, rngs={"routing": jax.random.key(5)})))
+  return jax.jit(jax.value_and_grad(loss))(p)
+
+
+@pytest.mark.parametrize("impl", ["xla", "auto", "interpret"])
+def test_sorted_exact_mix_training_is_the_masked_function(impl, p):
+  x = _x((2, 16, D))
+  masked = DuoFFN(d_ff=F, mix=(0.2, 0.3, 0.5), mix_exact=True)
+  want = _duo_grad(masked, p, x)
+  got = _duo_grad(masked.clone(compute="sorted", impl=impl), p, x)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _compiled_flops(f, *args):
+  cost = jax.jit(f).lower(*args).compile().cost_analysis()
+  return (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
+
+
+def test_sorted_exact_mix_training_compiles_to_the_routed_flops(p):
+  """Forward and backward: masked runs both FFNs (1 + 1/4 of the big one per token); sorted
+  with the mix (0.2, 0.3, 0.5) runs 0.5 big + 0.3 small = 0.575 of it."""
+  x = _x((4, 32, D))
+  masked = DuoFFN(d_ff=F, mix=(0.2, 0.3, 0.5), mix_exact=True)
+  grad = lambda m: jax.grad(lambda q, x: jnp.sum(jnp.square(m.apply(
+      {"params": q}, x, rngs={"routing": jax.random.key(5)}))))
+  ratio = (_compiled_flops(grad(masked.clone(compute="sorted", impl="xla")), p, x)
+           / _compiled_flops(grad(masked), p, x))
+  np.testing.assert_allclose(ratio, (0.5 + 0.3 / 4) / (1 + 1 / 4), rtol=0.05)
 
 
 CFG = DecoderConfig(vocab_size=40, num_layers=2, d_model=32, num_heads=2, head_dim=16, d_ff=64,
@@ -395,3 +459,79 @@ def test_budget_loss_reaches_the_losses_collection_from_scanned_layers():
   _, state = jax.jit(functools.partial(model.apply, mutable=["losses"]))(
       {"params": _params(model, ids)}, ids, rngs={"routing": jax.random.key(0)})
   assert jax.tree.leaves(state.get("losses", {}))
+
+
+STAGE1_GIN = """
+DecoderConfig.num_layers = 2
+DecoderConfig.d_model = 32
+DecoderConfig.num_heads = 2
+DecoderConfig.head_dim = 16
+DecoderConfig.d_ff = 64
+DecoderConfig.max_len = 16
+"""
+
+
+def _stage1_losses(compute, steps=3):
+  """Losses of a few adacomp.training steps of configs/duo.gin (stage 1) at a tiny size."""
+  gin.clear_config()
+  gin.parse_config_files_and_bindings(["configs/duo.gin"], [STAGE1_GIN,
+                                                            f"duo_ffn.compute = '{compute}'"])
+  model = build.build_decoder(259, DecoderConfig())
+  mesh = sharding.make_mesh(data=1, fsdp=1, tensor=1, devices=jax.devices()[:1])
+  rules = sharding.logical_axis_rules()
+  tx = training.make_optimizer(10, learning_rate=1e-2, warmup_steps=0)
+  ids = np.random.default_rng(0).integers(0, 259, (2, 17))
+  batch = {"inputs": ids[:, :-1].astype(np.int32), "targets": ids[:, 1:].astype(np.int32),
+           "weights": np.ones((2, 16), np.float32), "target_bytes": np.ones((2, 16), np.float32)}
+  losses = []
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    state, _, _ = training.init_train_state(model, tx, 16, 0, mesh, rules)
+    step = jax.jit(training.make_train_step(model, tx, 0))
+    for _ in range(steps):
+      state, metrics = step(state, sharding.global_batch(batch, mesh))
+      losses.append(float(jax.device_get(metrics["loss"])))
+  gin.clear_config()
+  return losses
+
+
+def test_stage1_config_trains_sorted_on_the_masked_loss_curve():
+  """configs/duo.gin (sorted, mix_exact) follows the masked path step by step: same function."""
+  sorted_losses = _stage1_losses("sorted")
+  np.testing.assert_allclose(sorted_losses, _stage1_losses("masked"), rtol=1e-5, atol=1e-5)
+  assert sorted_losses[-1] < sorted_losses[0]
+
+
+DECODE_CFG = DecoderConfig(vocab_size=50, num_layers=3, d_model=32, num_heads=2, head_dim=16,
+                           d_ff=64, max_len=32,
+                           ffn_cls=functools.partial(DuoFFN, mode="router", compute="sorted"))
+
+
+@pytest.mark.parametrize("impl", ["xla", "interpret"])
+@pytest.mark.parametrize("mode, skip", [("router", False), ("router", True), ("random", False),
+                                        ("random", True)])
+def test_kv_cache_decoding_equals_the_full_pass(mode, skip, impl):
+  """Decoding with routed compute (the decode step's b rows sorted by route: ragged_ffn on XLA,
+  routed_ffn's kernels otherwise) gives the teacher-forced full pass's logits (the masked
+  path), for router and evaluation-time random routes, with every layer or under a SkipDecode
+  schedule (its layer-masked pass)."""
+  from adacomp import decoding  # pylint: disable=g-import-not-at-top
+  from adacomp.methods.skipdecode import schedule as skip_schedule  # pylint: disable=g-import-not-at-top
+  tokens = jax.random.randint(jax.random.key(3), (4, 10), 0, 50)
+  cfg = dataclasses.replace(DECODE_CFG, ffn_cls=functools.partial(
+      DuoFFN, mode=mode, compute="sorted", impl=impl))
+  masked = dataclasses.replace(DECODE_CFG, ffn_cls=functools.partial(DuoFFN, mode=mode))
+  params = _params(DecoderLM(masked), tokens)
+  n = DECODE_CFG.num_layers
+  if skip:
+    schedule = skip_schedule.linear_skip_schedule(10, n, min_active=1, warmup_len=3,
+                                                  warmup_layers=1)
+    mask = jnp.asarray(skip_schedule.active_layer_mask(schedule, n, warmup_layers=1))
+  else:
+    schedule, mask = skip_schedule.full_schedule(10, n), None
+  want, state = jax.jit(functools.partial(DecoderLM(masked).apply, mutable=["intermediates"]))(
+      {"params": params}, tokens, layer_mask=mask)
+  routes = np.asarray(state["intermediates"]["blocks"]["ffn"]["routes"][0])
+  assert set(routes.ravel()) == {SKIP, SMALL, BIG}   # every route occurs: not vacuous
+  got = decoding.teacher_forced_logits(decoding.Decoder(cfg, warmup_layers=1), params, tokens,
+                                       schedule, prompt_len=3)
+  np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)

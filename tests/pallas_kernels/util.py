@@ -5,7 +5,7 @@ Tolerances, per element: float32 outputs match to rtol 1e-5 plus an absolute sla
 bfloat16 to rtol 1e-2 of each element (about one bf16 ulp, 2^-7: the output rounding after
 an f32 accumulation in another order) plus a floor of 2e-3 x max|expected| for elements that
 cancel, where a flipped rounding of an intermediate (probabilities, Theta) outweighs the result
-(the largest seen: 1e-3 x max, varlen_attention). A wrong element anywhere larger than 1% (or
+(the largest seen: 1e-3 x max, in softmax-like outputs). A wrong element anywhere larger than 1% (or
 0.2% of the largest) fails. Every comparison also requires the kernel output to be finite: the
 interpreters fill output memory with NaN before the kernel runs (Mosaic's TPU interpreter fills
 each VMEM output block, the HLO interpreter each output array), so an element the kernel forgot

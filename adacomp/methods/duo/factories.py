@@ -29,6 +29,7 @@ def duo_ffn(*, d_ff_small: Optional[int] = DuoFFN.d_ff_small, mode: str = DuoFFN
             budget_weight: float = DuoFFN.budget_weight,
             train_router_only: bool = DuoFFN.train_router_only,
             capacity: Optional[Sequence[float]] = DuoFFN.capacity,
+            mix_exact: bool = DuoFFN.mix_exact,
             impl: Optional[str] = DuoFFN.impl):
   """`DuoFFN` with these attributes bound (see layers/duo.py; the defaults are its own); the
   block supplies d_ff, activation and the dtypes."""
@@ -36,4 +37,4 @@ def duo_ffn(*, d_ff_small: Optional[int] = DuoFFN.d_ff_small, mode: str = DuoFFN
       DuoFFN, d_ff_small=d_ff_small, mode=mode, compute=compute, mix=_tuple(mix), seed=seed,
       router_hidden=router_hidden, temperature=temperature, budget=_tuple(budget),
       budget_weight=budget_weight, train_router_only=train_router_only,
-      capacity=_tuple(capacity), impl=impl)
+      capacity=_tuple(capacity), mix_exact=mix_exact, impl=impl)

@@ -96,3 +96,48 @@ def test_scatter_add_reference_adds_and_set_overwrites():
 def test_scatter_rejects_unknown_mode():
   with pytest.raises(ValueError, match="mode"):
     pallas_kernels.scatter(jnp.ones((2, 2)), jnp.arange(2), jnp.ones((4, 2)), mode="max")
+
+
+@INTERPRET
+@pytest.mark.parametrize("mode", ["add", "set"])
+def test_scatter_gradients_gather_the_cotangent_rows_and_pass_or_zero_the_rest(impl, mode):
+  k = util.keys(5, 3)
+  y, out, g = util.normal(k[0], (K, N)), util.normal(k[1], (M, N)), util.normal(k[2], (M, N))
+  dy, dout = jax.jit(jax.grad(lambda y, out: jnp.sum(
+      pallas_kernels.scatter(y, _idx(), out, mode=mode, impl=impl, **BLOCKS) * g),
+                              argnums=(0, 1)))(y, out)
+  # By hand: dL/dy_i = g[idx_i]; dL/dout = g, except the overwritten rows ("set"), which get 0.
+  idx, g64 = np.asarray(_idx()), np.asarray(g)
+  want_dout = g64.copy()
+  if mode == "set":
+    want_dout[idx] = 0.0
+  np.testing.assert_array_equal(np.asarray(dy), g64[idx])
+  np.testing.assert_array_equal(np.asarray(dout), want_dout)
+
+
+@INTERPRET
+def test_gradients_run_the_other_ops_kernels(impl):
+  x, w = jnp.ones((M, D)), jnp.ones((D, N))
+  jaxpr = str(jax.make_jaxpr(jax.grad(lambda x, w: jnp.sum(
+      pallas_kernels.gather_matmul(x, _idx(), w, impl=impl)), argnums=(0, 1)))(x, w))
+  assert "scatter_set" in jaxpr  # dx: g w^T scattered into zeros by the scatter kernel
+  y, out = jnp.ones((K, N)), jnp.ones((M, N))
+  jaxpr = str(jax.make_jaxpr(jax.grad(lambda y, out: jnp.sum(
+      pallas_kernels.scatter(y, _idx(), out, mode="set", impl=impl)), argnums=(0, 1)))(y, out))
+  assert "gather_rows" in jaxpr and "scatter_set" in jaxpr
+
+
+@INTERPRET
+@DTYPES
+def test_gather_tmatmul_kernel_is_the_gathered_rows_transposed_times_g(impl, dtype):
+  # dw of gather_matmul; 77 rows of 300 in blocks of 16, d = 768 in blocks of 256: the last row
+  # block is partial and must not leak its unfetched rows.
+  from pallas_kernels.gather_matmul import gpu, tpu  # pylint: disable=g-import-not-at-top
+  backend, interpret = util.kernel_module(impl, tpu, gpu)
+  k = util.keys(6, 2)
+  x, g = util.normal(k[0], (300, 768), dtype), util.normal(k[1], (77, 330), dtype)
+  idx = jax.random.permutation(jax.random.key(7), 300)[:77].astype(jnp.int32)
+  got = jax.jit(lambda x, g: backend.gather_tmatmul(x, idx, g, block_rows=16, block_d=256,
+                                                    interpret=interpret))(x, g)
+  want = jnp.dot(jnp.take(x, idx, axis=0).T, g, preferred_element_type=jnp.float32)
+  util.assert_matches(got, want.astype(dtype))

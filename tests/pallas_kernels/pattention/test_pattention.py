@@ -118,3 +118,46 @@ def test_leading_dims_are_flattened_into_tokens():
   batched = pallas_kernels.pattention(jnp.stack([x, -x]), k_p, v_p, impl="xla")
   assert batched.shape == (2, T, D_OUT)
   util.assert_matches(batched[1], reference.pattention(-x, k_p, v_p, tau=math.sqrt(N)))
+
+
+@pytest.mark.skipif("interpret" not in util.INTERPRETERS and jax.default_backend() != "tpu",
+                    reason="runs the TPU kernel: interpreted, or compiled on a TPU")
+def test_tpu_kernel_without_the_score_cache_recomputes_the_scores_and_agrees(monkeypatch):
+  from pallas_kernels.pattention import tpu  # pylint: disable=g-import-not-at-top
+  impl = "interpret" if "interpret" in util.INTERPRETERS else "pallas"
+  x, k_p, v_p = _inputs()
+  assert tpu._blocks(T, N, D_IN, D_OUT, jnp.float32, 16, 128)[2]  # cached by default here
+  monkeypatch.setattr(tpu, "CACHE_BYTES", 0)
+  assert not tpu._blocks(T, N, D_IN, D_OUT, jnp.float32, 16, 128)[2]
+  out = util.jit_call(pallas_kernels.pattention, x, k_p, v_p, impl=impl, **BLOCKS)
+  util.assert_matches(out, util.jit_call(pallas_kernels.pattention, x, k_p, v_p, impl="xla"))
+
+
+@pytest.mark.parametrize("impl", util.INTERPRETERS)
+def test_split_halves_summed_over_key_shards_give_the_whole_op(impl):
+  # What the op runs with its parameter tokens split over a mesh axis, here over 2 halves by
+  # hand: the halves' row norms summed, each half attending with the full norm, summed.
+  from pallas_kernels.pattention import gpu, tpu  # pylint: disable=g-import-not-at-top
+  backend, interpret = util.kernel_module(impl, tpu, gpu)
+  x, k_p, v_p = _inputs()
+  tau = math.sqrt(N)
+  halves = [(k_p[:150], v_p[:150]), (k_p[150:], v_p[150:])]
+  blocks = dict(block_t=16, block_n=128)
+  ss = sum(jax.jit(lambda x, k: backend.row_norms(x, k, interpret=interpret, **blocks))(x, k)
+           for k, _ in halves)
+  np.testing.assert_allclose(ss, reference.row_norms(x, k_p), rtol=1e-5)
+  out = sum(jax.jit(lambda x, k, v, ss: backend.attend(
+      x, k, v, ss, tau=tau, out_dtype=jnp.float32, interpret=interpret, **blocks))(x, k, v, ss)
+            for k, v in halves)
+  util.assert_matches(out, reference.pattention(x, k_p, v_p, tau=tau))
+
+
+def test_tpu_blocks_for_bf16_at_d_4096_fit_the_default_scoped_vmem_of_v5e():
+  from pallas_kernels.pattention import tpu  # pylint: disable=g-import-not-at-top
+  tt, tn, cached, vmem = tpu._blocks(8192, 4096, 4096, 4096, jnp.bfloat16, 256, 512)
+  # Counted independently: double-buffered x [tt, d], K [tn, d], V [tn, d], out [tt, d] in bf16,
+  # the f32 accumulator [tt, d] and row norms [tt, 128], the f32 score cache [tt, n].
+  d, n = 4096, 4096
+  counted = 2 * 2 * (tt * d + 2 * tn * d + tt * d) + 4 * tt * (d + 128) + (4 * tt * n) * cached
+  assert vmem == counted and counted <= 16 * 2 ** 20, (tt, tn, cached, counted)
+  assert tt % 16 == 0 and tn % 128 == 0 and cached

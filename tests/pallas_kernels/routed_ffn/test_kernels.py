@@ -1,8 +1,11 @@
 """The TPU and GPU routed_ffn kernels, interpreted on CPU, against the reference."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import export
 
 import pallas_kernels
 from pallas_kernels.routed_ffn import gpu
@@ -128,3 +131,24 @@ def test_gpu_tiles_of_skipped_rows_loop_over_no_group():
   lo, hi = map(np.asarray, gpu.tile_groups(SIZES, M, 16))
   # Rows 0-12 are group 0, group 1 is empty at row 13, rows 13-32 are group 2, 33-60 skipped.
   np.testing.assert_array_equal(hi - lo + 1, [3, 1, 1, 0])
+
+
+def test_tpu_backward_schedule_never_visits_an_all_skipped_tile():
+  # tgmm (the weight gradients) visits each group's row tiles, and each empty group once to
+  # write its zeros; rows 33-60 (tiles 2 partly, 3 wholly) are skipped.
+  group, tile, _, flags = map(np.asarray, tpu.schedule(SIZES, M, 16, for_tgmm=True))
+  active = (flags & tpu.ACTIVE) != 0
+  assert 3 not in set(tile[active])
+  assert sorted(zip(group[active], tile[active])) == [(0, 0), (1, 0), (2, 0), (2, 1), (2, 2)]
+
+
+@pytest.mark.parametrize("kernel, flops", [("gmm", 2 * 512 * 256 * 1024),
+                                           ("tgmm", 2 * 512 * 256 * 1024)])
+def test_tpu_kernels_give_xla_a_cost_estimate_of_their_matmul_bound(kernel, flops):
+  s = jax.ShapeDtypeStruct
+  lhs, sizes = s((512, 256), jnp.bfloat16), s((2,), jnp.int32)
+  rhs = s((2, 256, 1024), jnp.bfloat16) if kernel == "gmm" else s((512, 1024), jnp.bfloat16)
+  module = export.export(jax.jit(getattr(tpu, kernel)), platforms=["tpu"])(
+      lhs, rhs, sizes).mlir_module()
+  [estimate] = re.findall(r"cost_estimate\\22: \{(.*?)\}", module)
+  assert f"\\22flops\\22:{flops}" in estimate.replace(" ", "")

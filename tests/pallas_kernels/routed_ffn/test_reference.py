@@ -1,14 +1,22 @@
 """The routed_ffn specification (reference.py) against independent, obviously-right forms."""
+import math
+
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from pallas_kernels.routed_ffn import reference
 from tests.pallas_kernels import util
 
 
-
 def gelu(a):
-  """The tanh form of GeLU, in numpy (an independent statement of what the ops use)."""
+  """The exact GeLU, x Phi(x), in float64 numpy: the model's "gelu" (layers.mlp)."""
+  a = np.asarray(a, np.float64)
+  return 0.5 * a * (1 + np.vectorize(math.erf)(a / np.sqrt(2)))
+
+
+def gelu_tanh(a):
+  """The tanh form of GeLU, in numpy."""
   a = np.asarray(a, np.float64)
   return 0.5 * a * (1 + np.tanh(np.sqrt(2 / np.pi) * (a + 0.044715 * a ** 3)))
 
@@ -19,11 +27,19 @@ def _weights(e=2, d=16, f=24, seed=0):
           util.normal(k[2], (e, f, d), scale=0.3))
 
 
-def test_single_group_of_all_rows_equals_the_dense_ffn():
+@pytest.mark.parametrize("activation, act", [("gelu", gelu), ("gelu_tanh", gelu_tanh)])
+def test_single_group_of_all_rows_equals_the_dense_ffn(activation, act):
   x, w_in, w_out = _weights(e=1)
-  out = util.jit_call(reference.routed_ffn, x, jnp.array([20]), w_in, w_out, jnp.array([24]))
+  out = util.jit_call(reference.routed_ffn, x, jnp.array([20]), w_in, w_out, jnp.array([24]),
+                      activation=activation)
   x, w_in, w_out = (np.asarray(a, np.float64) for a in (x, w_in, w_out))
-  np.testing.assert_allclose(out, gelu(x @ w_in[0]) @ w_out[0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out, act(x @ w_in[0]) @ w_out[0], rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_activation_is_refused_naming_the_choices():
+  x, w_in, w_out = _weights(e=1)
+  with pytest.raises(ValueError, match="gelu_tanh"):
+    reference.routed_ffn(x, jnp.array([20]), w_in, w_out, jnp.array([24]), activation="tanh")
 
 
 def test_each_row_uses_its_groups_first_width_units_and_skipped_rows_are_zero():
