@@ -1,0 +1,244 @@
+r"""Every method at research widths: time against the MAC-ratio ideal, training and inference.
+
+  python scripts/bench_research.py                          # d_model 512 and 1024, 8 layers
+  python scripts/bench_research.py --d_models=512 --methods=dense,informed,mod
+  python scripts/bench_research.py --quick                  # d_model 128, 2 layers: a smoke run
+
+For each width and each method budget it builds the method's gin config at that width
+(`d_ff = 4 d_model`, heads of 64, `--num_layers`, `--seq_len`; float32; no checkpoint needed:
+parameters are fresh, and routing decisions do not change any shape) and measures, against the
+dense decoder of the same shape:
+
+  train    one optimizer step of the config's training stage (its own `compute`);
+  infer    one evaluation forward pass (logits and sown MACs) in the inference compute
+           (`gather` for routed units and Duo, the SkipDecode layer mask, token pruning).
+
+Columns:
+  ms        median wall time (--repeats calls after 2 warm-up calls);
+  t/dense   time over the dense model's at the same width (same mode);
+  MACs      the sown MACs per token over dense's: the ideal t/dense;
+  ratio     (t/dense) / MACs: 1.00 means the time follows the arithmetic, the issue's bar is 1.15;
+  XLA       XLA's compiled FLOPs over dense's (cost_analysis): what the program really executes;
+  GFLOP/s   useful FLOPs (2 x MACs per token x tokens, x3 for a training step) per second;
+  %peak     GFLOP/s over this machine's jitted float32 matmul peak, measured first.
+
+Generation tokens/s per method is `scripts/bench_generate.py`'s table. Prints Markdown and
+writes the rows as JSON to --output. A benchmark, never a test.
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import numpy as np
+
+VOCAB = 259  # the byte tokenizer's vocabulary
+
+# name -> (gin files, training bindings, inference bindings)
+METHODS = {
+    "dense": (["configs/dense.gin"], [], []),
+    "duo random 0.2/0.3/0.5 (stage 1)": (
+        ["configs/duo.gin"], [], ["duo_ffn.compute = 'gather'", "duo_ffn.capacity = (0.3, 0.5)"]),
+    "duo random 0.2/0.3/0.5 sorted (stage 1)": (
+        ["configs/duo.gin"], ["duo_ffn.compute = 'sorted'"], ["duo_ffn.compute = 'sorted'"]),
+    "duo router 0/0.75/0.25": (
+        ["configs/duo_router.gin"], [],
+        ["duo_ffn.compute = 'gather'", "duo_ffn.mode = 'random'", "duo_ffn.mix = (0, 0.75, 0.25)",
+         "duo_ffn.capacity = (0.75, 0.25)"]),
+    "informed 0.5": (["configs/informed_routing.gin"], [], ["routed_ffn.compute = 'gather'"]),
+    "informed 0.75": (["configs/informed_routing.gin"], ["SPARSITY = 0.75"],
+                      ["routed_ffn.compute = 'gather'", "SPARSITY = 0.75"]),
+    "mod 0.5": (["configs/mod.gin"], [], ["routed_ffn.compute = 'gather'"]),
+    "mod 0.75": (["configs/mod.gin"], ["SPARSITY = 0.75"],
+                 ["routed_ffn.compute = 'gather'", "SPARSITY = 0.75"]),
+    # Its inference saving is in generation (a teacher-forced pass under the layer mask is a
+    # masked dense computation): scripts/bench_generate.py / bench_skipdecode.py.
+    "skipdecode 2x": (["configs/skipdecode.gin"], [], None),
+    "tokenformer": (["configs/tokenformer.gin"], [], []),
+}
+SHORT = {"dense": "dense", "duo": "duo random 0.2/0.3/0.5 (stage 1)",
+         "duo_sorted": "duo random 0.2/0.3/0.5 sorted (stage 1)",
+         "duo_router": "duo router 0/0.75/0.25", "informed": "informed 0.5",
+         "informed75": "informed 0.75", "mod": "mod 0.5", "mod75": "mod 0.75",
+         "skipdecode": "skipdecode 2x", "tokenformer": "tokenformer"}
+
+
+def size_bindings(d_model, num_layers, seq_len):
+  return [f"DecoderConfig.d_model = {d_model}", f"DecoderConfig.d_ff = {4 * d_model}",
+          f"DecoderConfig.num_heads = {max(1, d_model // 64)}", "DecoderConfig.head_dim = 64",
+          f"DecoderConfig.num_layers = {num_layers}",
+          f"DecoderConfig.max_len = {max(1024, seq_len)}", "DecoderConfig.dtype = 'float32'",
+          "train.init_checkpoint = None", f"train.seq_len = {seq_len}",
+          # SkipDecode's schedule: the prompt (warm-up) part scales with the sequence.
+          f"schedule_for_speedup.warmup_len = {max(1, seq_len // 8)}"]
+
+
+def timed(fn, args, repeats):
+  import jax  # pylint: disable=g-import-not-at-top
+  for _ in range(2):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return 1000 * statistics.median(times)
+
+
+def compiled_flops(jitted, args):
+  cost = jitted.lower(*args).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+
+def matmul_peak(n=2048, repeats=10):
+  """GFLOP/s of a jitted float32 n x n x n matmul: this machine's practical peak."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  ms = timed(jax.jit(jnp.dot), (a, a), repeats)
+  return 2 * n ** 3 / (ms / 1000) / 1e9
+
+
+def build(files, bindings):
+  """The decoder, its task's layer mask and optimizer, as the gin config defines them."""
+  import gin  # pylint: disable=g-import-not-at-top
+  from adacomp import gin_utils, tasks, training  # pylint: disable=g-import-not-at-top
+  from adacomp.models import build as build_lib  # pylint: disable=g-import-not-at-top
+  gin.clear_config()
+  gin_utils.parse(files, bindings, finalize=False)
+  model = build_lib.build_decoder(VOCAB)
+  seq_len = gin.query_parameter("train.seq_len")
+  mask = tasks.position_layer_mask(seq_len, model.config.num_layers)
+  return model, mask, training.make_optimizer(100)
+
+
+def measure(name, d_model, a):
+  """{'train': (ms, xla flops), 'infer': (ms, xla flops, macs/token)} for one method."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from adacomp import scoring, training  # pylint: disable=g-import-not-at-top
+  files, train_b, infer_b = METHODS[name]
+  sizes = size_bindings(d_model, a.num_layers, a.seq_len)
+  ids = jax.random.randint(jax.random.key(1), (a.batch, a.seq_len), 0, VOCAB, jnp.int32)
+  batch = {"inputs": ids, "targets": jnp.roll(ids, -1, axis=1),
+           "weights": jnp.ones(ids.shape, jnp.float32),
+           "target_bytes": jnp.ones(ids.shape, jnp.float32)}
+  out = {}
+  if "train" in a.modes:
+    model, mask, tx = build(files, sizes + train_b)
+    params = model.init(jax.random.key(0), ids[:1])["params"]
+    state = training.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                opt_state=tx.init(params))
+    step = jax.jit(training.make_train_step(model, tx, 0, layer_mask=mask))
+    out["train"] = (timed(step, (state, batch), a.repeats), compiled_flops(step, (state, batch)))
+    del state, params
+  if "infer" in a.modes and infer_b is not None:
+    model, mask, _ = build(files, sizes + train_b + infer_b)
+    params = model.init(jax.random.key(0), ids[:1])["params"]
+
+    def forward(params, ids):
+      logits, mut = model.apply({"params": params}, ids, layer_mask=mask,
+                                mutable=["intermediates"])
+      return logits, jnp.mean(scoring.macs_per_token(mut["intermediates"], ids.shape, mask))
+
+    fwd = jax.jit(forward)
+    macs = float(fwd(params, ids)[1])
+    out["infer"] = (timed(fwd, (params, ids), a.repeats), compiled_flops(fwd, (params, ids)),
+                    macs)
+  return out
+
+
+def _mask_macs(name, d_model, a):
+  """MACs per token of a method measured only in training (SkipDecode): its forward under the
+  training layer mask, where the sown MACs count only the layers each position runs."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from adacomp import scoring  # pylint: disable=g-import-not-at-top
+  files, train_b, _ = METHODS[name]
+  model, mask, _ = build(files, size_bindings(d_model, a.num_layers, a.seq_len) + train_b)
+  ids = jnp.zeros((1, a.seq_len), jnp.int32)
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), ids)["params"])
+  params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), params)
+  _, mut = model.apply({"params": params}, ids, layer_mask=mask, mutable=["intermediates"])
+  return float(jnp.mean(scoring.macs_per_token(mut["intermediates"], ids.shape, mask)))
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--methods", default=",".join(SHORT),
+                 help=f"comma-separated, from: {', '.join(SHORT)}")
+  p.add_argument("--d_models", default="512,1024")
+  p.add_argument("--num_layers", type=int, default=8)
+  p.add_argument("--seq_len", type=int, default=256)
+  p.add_argument("--batch", type=int, default=4)
+  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--modes", default="train,infer")
+  p.add_argument("--quick", action="store_true", help="d_model 128, 2 layers, 64 tokens")
+  p.add_argument("--output", default=None, help="JSON rows")
+  a = p.parse_args(argv)
+  if a.quick:
+    a.d_models, a.num_layers, a.seq_len, a.repeats = "128", 2, 64, 2
+  names = [SHORT.get(m.strip(), m.strip()) for m in a.methods.split(",") if m.strip()]
+  unknown = [m for m in names if m not in METHODS]
+  if unknown:
+    p.error(f"unknown --methods {unknown}; choose from {list(SHORT)}")
+  if "dense" not in names:
+    names.insert(0, "dense")
+  a.modes = [m.strip() for m in a.modes.split(",")]
+
+  import jax  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  from adacomp import kernels  # pylint: disable=g-import-not-at-top
+  from adacomp.methods import registry  # pylint: disable=g-import-not-at-top,unused-import
+  logging.set_verbosity(logging.WARNING)
+  kernels.configure_kernels("auto")
+  peak = matmul_peak()
+  device = jax.devices()[0]
+  print(f"device {device.device_kind} ({device.platform}), jax {jax.__version__}, float32; "
+        f"matmul peak {peak:.1f} GFLOP/s; {a.num_layers} layers, batch {a.batch} x "
+        f"{a.seq_len} tokens, median of {a.repeats}", flush=True)
+  rows = []
+  for d in [int(x) for x in a.d_models.split(",")]:
+    results = {}
+    for name in names:
+      print(f"d_model {d}: {name}", file=sys.stderr, flush=True)
+      try:
+        results[name] = measure(name, d, a)
+      except Exception as e:  # pylint: disable=broad-except
+        print(f"  skipped: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
+              file=sys.stderr, flush=True)
+    if "dense" not in results:
+      raise SystemExit(f"ERROR: the dense reference failed at d_model {d}; see above.")
+    dense = results["dense"]
+    dense_macs = dense["infer"][2] if "infer" in dense else None
+    for name, res in results.items():
+      # MACs per token of the inference model; SkipDecode's from its layer mask, as trained.
+      own = res["infer"][2] if "infer" in res else _mask_macs(name, d, a)
+      macs = own / dense_macs if dense_macs else float("nan")
+      for mode in a.modes:
+        if mode not in res or mode not in dense:
+          continue
+        ms, flops = res[mode][0], res[mode][1]
+        t_rel = ms / dense[mode][0]
+        tokens = a.batch * a.seq_len
+        useful = 2 * own * tokens * (
+            3 if mode == "train" else 1)
+        gflops = useful / (ms / 1000) / 1e9
+        rows.append({"d_model": d, "method": name, "mode": mode, "ms": ms, "t_rel": t_rel,
+                     "macs_rel": macs, "ratio": t_rel / macs, "xla_rel": flops / dense[mode][1],
+                     "gflops": gflops, "peak_frac": gflops / peak})
+  print("\n| d_model | method | mode | ms | t/dense | MACs | ratio | XLA | GFLOP/s | %peak |")
+  print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|")
+  for r in rows:
+    print(f"| {r['d_model']} | {r['method']} | {r['mode']} | {r['ms']:.1f} | {r['t_rel']:.3f} | "
+          f"{r['macs_rel']:.3f} | {r['ratio']:.2f} | {r['xla_rel']:.3f} | {r['gflops']:.1f} | "
+          f"{100 * r['peak_frac']:.0f}% |")
+  if a.output:
+    with open(a.output, "w") as f:
+      json.dump({"peak_gflops": peak, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()
