@@ -21,6 +21,7 @@ import numpy as np
 from adacomp import scoring
 from adacomp.models.decoder import (DecoderConfig, block_kwargs, final_norm_kind, parse_dtype,
                                     position_embed)
+from layers import routing
 from layers.block import DecoderBlock
 from layers.embedding import Embed
 from layers.normalization import make_norm
@@ -48,6 +49,12 @@ class Decoder:
   def __init__(self, config: DecoderConfig, warmup_layers: int = 1):
     if config.vocab_size is None:
       raise ValueError("Decoder needs a DecoderConfig with vocab_size set.")
+    topk = [s for s, d in routing.routed_decisions(config).items() if d != "causal"]
+    if topk:
+      raise ValueError(
+          f"DecoderConfig.{topk[0]} routes with a per-sequence top-k, which cannot be decoded "
+          f"(it is not causal); decode with causal decisions: --gin_bindings="
+          f"\"routed_ffn.decision = 'causal'\" (and routed_attention.decision).")
     self.config = config
     self.warmup_layers = warmup_layers
     dtype, param_dtype = parse_dtype(config.dtype), parse_dtype(config.param_dtype)

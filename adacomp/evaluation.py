@@ -14,6 +14,7 @@ from adacomp import tasks
 from adacomp.metrics import ProgressBar
 from adacomp.models.build import restore_sharded
 from adacomp.training import make_eval_step
+from layers.routing import routed_decisions
 
 
 def report_name(split: str, step: int, eval_batches: Optional[int]) -> str:
@@ -56,6 +57,10 @@ def evaluate_checkpoint(checkpoint_dir: str, meta: dict, step: int, *,
   report = {"checkpoint_dir": str(checkpoint_dir), "step": step, "split": split,
             "batch_size": batch_size, **({"seq_len": seq_len} if task_name == "lm" else {}),
             "eval_batches": eval_batches, "task": task_name, **summary}
+  decisions = routed_decisions(model.config) if task_name == "lm" else {}
+  if decisions:
+    # 'causal': per-token decisions (reachable when generating); 'topk': teacher-forced.
+    report["routing"] = "causal" if set(decisions.values()) == {"causal"} else "topk"
   report["summary_line"] = task.describe(summary)
   if output is None:
     output = str(checkpointing.checkpoint_root(checkpoint_dir).parent /

@@ -62,10 +62,16 @@ def parse_entry(spec: str, reference: bool = False) -> Entry:
   return Entry(label.strip(), parts[0], bindings, reference, refs[-1] if refs else None)
 
 
+# Routed units (informed routing, MoD) decide causally, as when generating; an entry's own
+# bindings come after and may ask for the teacher-forced top-k (its label then says so).
+CAUSAL_ROUTING = ("routed_ffn.decision = 'causal'", "routed_attention.decision = 'causal'")
+
+
 def configure(entry: Entry, step: Optional[int] = None):
-  """Parses the entry's saved gin config plus its bindings; returns (step, meta)."""
+  """Parses the entry's saved gin config plus the causal routing decisions and its bindings;
+  returns (step, meta)."""
   return gin_utils.parse_checkpoint_config(entry.checkpoint_dir, step,
-                                          gin_bindings=list(entry.bindings))
+                                          gin_bindings=list(CAUSAL_ROUTING + entry.bindings))
 
 
 def _task_of(meta) -> str:
@@ -156,7 +162,8 @@ def run_pareto(entries: Sequence[Entry], output_dir: str, *, split: str = "valid
   for i, entry in enumerate(entries):
     report = evaluate_entry(entry, split, eval_batches, output_dir)
     rows.append({"label": entry.label, "checkpoint_dir": entry.checkpoint_dir,
-                 "bindings": list(entry.bindings), "task": report["task"], "report": report})
+                 "bindings": list(entry.bindings), "task": report["task"], "report": report,
+                 **({"routing": report["routing"]} if "routing" in report else {})})
     if bar:
       bar(i + 1, len(entries))
 
@@ -220,7 +227,8 @@ def run_pareto(entries: Sequence[Entry], output_dir: str, *, split: str = "valid
     else:
       row["time"] = ms[(label, "entry")] / ms[(row["reference"], "entry")]
   table = [{k: r[k] for k in ("label", "task", "reference", "quality", "quality_name",
-                               "compute", "time", "timing", "checkpoint_dir", "bindings")}
+                               "compute", "time", "timing", "checkpoint_dir", "bindings",
+                               "routing") if k in r}
            for r in rows]
   result = {"split": split, "eval_batches": eval_batches, "rounds": rounds,
             "device": jax.devices()[0].device_kind, "rows": table}
@@ -237,7 +245,9 @@ def format_table(result: dict) -> str:
            "|---|---:|---:|---:|---|"]
   for r in result["rows"]:
     t = "-" if r["time"] is None else f"{r['time']:.2f}"
-    lines.append(f"| {r['label']} | {r['quality']:.3f} {r['quality_name']} | "
+    # A routed entry evaluated with the per-sequence top-k is not reachable when generating.
+    note = " (top-k, not causal)" if r.get("routing") == "topk" else ""
+    lines.append(f"| {r['label']}{note} | {r['quality']:.3f} {r['quality_name']} | "
                  f"{r['compute']:.3f} | {t} | {r['timing']} |")
   return "\n".join(lines)
 

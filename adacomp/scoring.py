@@ -67,6 +67,10 @@ def summarize(sums: dict) -> dict:
   }
   if "macs" in sums:
     summary["macs_per_token"] = sums["macs"] / weights
+  if sums.get("routing_decisions"):
+    summary["causal_topk_agreement"] = sums["routing_agree"] / sums["routing_decisions"]
+    summary["causal_executed_fraction"] = sums["routing_causal"] / sums["routing_decisions"]
+    summary["topk_executed_fraction"] = sums["routing_topk"] / sums["routing_decisions"]
   return summary
 
 
@@ -83,6 +87,24 @@ def evaluate(eval_step: Callable, params, batches: Iterable[dict], to_device: Ca
   if totals is None:
     raise ValueError("The evaluation split yielded no batches; check the dataset and split.")
   return summarize_fn(totals)
+
+
+def routing_sums(intermediates, weights) -> dict:
+  """Routed units in "topk" mode sow `executed` (the top-k decision) and `causal_executed`
+  (what the causal predictor would decide): counts over the weighted tokens of every routed
+  unit of the decisions, the agreements and each side's executed tokens ({} without them)."""
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(intermediates))
+  sums = {}
+  for path, causal in flat.items():
+    if path[-1] != "causal_executed":
+      continue
+    for c, e in zip(causal, flat[path[:-1] + ("executed",)]):
+      w = jnp.broadcast_to(weights.astype(jnp.float32), c.shape)
+      c, e = c.astype(jnp.float32), e.astype(jnp.float32)
+      for key, value in (("routing_decisions", w), ("routing_agree", w * (c == e)),
+                         ("routing_causal", w * c), ("routing_topk", w * e)):
+        sums[key] = sums.get(key, 0.0) + jnp.sum(value)
+  return sums
 
 
 def macs_per_token(intermediates, shape, layer_mask=None) -> jax.Array:

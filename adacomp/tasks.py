@@ -85,7 +85,8 @@ class LanguageModeling:
 
   def compute_sums(self, intermediates, batch) -> dict:
     macs = scoring.macs_per_token(intermediates, batch["inputs"].shape, self.layer_mask)
-    return {"macs": jnp.sum(macs * batch["weights"])}
+    return {"macs": jnp.sum(macs * batch["weights"]),
+            **scoring.routing_sums(intermediates, batch["weights"])}
 
   def step_metrics(self, sums) -> dict:
     return {"bits_per_byte": sums["nats"] / scoring.LN2 / jnp.maximum(sums["bytes"], 1.0),

@@ -33,8 +33,39 @@ Scores (choices made here; the paper's code is not public):
     instead of approximating (or skipping) it. The same for both methods, so the comparison is
     fair. The top-k itself has no gradient.
   * Top-k over the whole sequence is not causal (a token's decision depends on later tokens'
-    scores). As in MoD, evaluation is teacher-forced with per-sequence top-k; autoregressive
-    sampling would need MoD's auxiliary causal predictor, which is not implemented.
+    scores). `decision` chooses: "topk" (training, and the teacher-forced figure) or "causal"
+    (inference, what a generating model does; see Causal routing below).
+
+Causal routing (MoD's remedy, arXiv 2404.02258 section 3.5, the auxiliary-predictor variant):
+  * A second small router, the causal predictor c(x) = TokenRouter(sg(x)) with one logit, is
+    trained beside the router by an auxiliary binary cross-entropy toward the top-k membership
+    (the target is the hard top-k decision, a stop-gradient quantity):
+        L_causal = w_c * mean_i BCE(c_i, executed_i(top-k)).
+    Why a separate predictor on stop_gradient(x) rather than a BCE on the router's own logits:
+    the router's importance logit already carries the straight-through gradient (and, informed,
+    ranks by a + e); a BCE on it would pull the ranking toward its own previous output and
+    change the trained function; the separate predictor cannot change the model's function
+    (its input is stop-gradient, its output only decides at inference), so the top-k model is
+    unchanged whatever w_c is (up to a global-norm gradient clipping, which sees the
+    predictor's gradients too).
+  * Threshold: a token executes iff c_i > tau, tau the scalar parameter `causal_threshold` (so
+    it is saved in the checkpoint with the rest) fitted during training by the pinball
+    (quantile) loss  w_c * mean_i rho_q(sg(c_i) - tau), q = sparsity, whose minimiser is the
+    q-quantile of the predictor's logits over the training tokens: calibrated to execute the
+    target fraction 1 - sparsity. (Adam moves tau by ~ the learning rate per step; tau starts
+    at 0, the BCE's natural boundary, which a calibrated predictor needs little change from.)
+  * Sown: `losses/routing_causal` (BCE + pinball, when the router decides in "topk" mode and
+    w_c > 0) and intermediates `causal_executed` (int32 [b, t]: the causal decision, beside
+    `executed`, in "topk" mode): their agreement is the causal-vs-top-k rate.
+  * "causal" mode decides each token from its own x_i alone, so the model is causal; there is
+    no capacity, the executed count is data (sparsity 0 still executes every token, exactly
+    dense). Rows never interact.
+  * Compute in "causal" mode: "masked" runs the unit on every token (values), "gather" gathers
+    the executed tokens into a static number of slots chosen at run time from power-of-two
+    buckets (`lax.switch`: slots = the smallest bucket >= the executed count, of the flattened
+    b * t tokens for the FFN, of the longest row for the attention) and runs the unit on those
+    only; at a decoding step (t = 1, batch 1) that is a `lax.cond`: a token that does not
+    execute costs the predictor (and the forecaster) only.
 
 Compute paths (`compute`):
   * "masked": the unit and the forecaster on every token, outputs selected by the decision.
@@ -50,9 +81,14 @@ Compute paths (`compute`):
     (tested). The gather path costs a per-sequence argsort besides.
 
 Attention unit: skipped (or forecast) tokens are not keys or values for anybody, as in MoD: an
-executed token attends to the executed tokens at or before its position. (In "masked" compute a
-non-executed token's would-be output, used only by the straight-through term and the
-recoverability target, attends to those and to itself.) KV-cache decoding is not supported.
+executed token attends to the executed tokens at or before its position (itself included).
+(In "masked" top-k compute a non-executed token's would-be output, used only by the
+straight-through term and the recoverability target, attends to those and to itself.)
+KV-cache decoding (`decode=True`, "causal" mode only: a top-k over a sequence cannot be
+decoded): the cache holds `cached_key`, `cached_value` and `cached_executed` (bool [b, L]) per
+position; a token that does not execute writes its slot's flag False and no query ever attends
+to it, so every query sees exactly the keys the full causal-mode pass lets it see: the executed
+tokens at or before its position.
 
 Sown: `losses/forecast_distill` (w_d * mean (stop_gradient(u) - u_hat)^2 over every token, when
 `distill_weight` > 0: stage 1 of the informed training), `losses/routing_recoverability`
@@ -71,6 +107,7 @@ Parameters keep the dense units' names: `wi`, `wo` (RoutedFFN, like DenseFFN) an
 `key`, `value`, `out` (RoutedAttention, like MultiHeadAttention), so a dense checkpoint loads
 into them, beside `router/...` and (informed) `forecaster/...`.
 """
+import functools
 from typing import Optional
 
 import flax.linen as nn
@@ -88,7 +125,30 @@ from layers.selection import capacity_tokens, flat_indices, select_top_k, straig
 
 MODES = ("informed", "greedy")
 COMPUTES = ("masked", "gather")
+DECISIONS = ("topk", "causal")
 IMPORTANCE, ERROR = 0, 1
+
+
+def bucket_sizes(n: int):
+  """Static slot counts for a data-dependent count in [0, n]: 0, 1, 2, 4, ... and n."""
+  sizes, size = {0, n}, 1
+  while size < n:
+    sizes.add(size)
+    size *= 2
+  return sorted(sizes)
+
+
+def bucketed(count, n: int, branch):
+  """branch(slots) for the smallest bucket `slots` >= count (a traced int), via lax.switch:
+  only the chosen branch runs, so the work follows the count in power-of-two steps."""
+  sizes = bucket_sizes(n)
+  index = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), count.astype(jnp.int32))
+  return jax.lax.switch(index, [functools.partial(branch, size) for size in sizes])
+
+
+def executed_first(executed):
+  """Per row of executed bool [b, t]: positions, the executed ones first (in order)."""
+  return jnp.argsort(~executed, axis=-1, stable=True).astype(jnp.int32)
 
 
 def executed_tokens(sparsity: float, length: int) -> int:
@@ -98,6 +158,19 @@ def executed_tokens(sparsity: float, length: int) -> int:
                      f"tokens that do not execute the unit (0 = dense). Fix the SPARSITY macro "
                      f"or routed_ffn.sparsity / routed_attention.sparsity.")
   return capacity_tokens(1.0 - sparsity, length)
+
+
+def routed_decisions(config) -> dict:
+  """{slot: decision} of the routed units (with sparsity > 0) a DecoderConfig holds."""
+  out = {}
+  for slot in ("ffn_cls", "attention_cls"):
+    cls = getattr(config, slot)
+    base = getattr(cls, "func", cls)
+    if isinstance(base, type) and issubclass(base, (RoutedFFN, RoutedAttention)):
+      kw = getattr(cls, "keywords", {})
+      if kw.get("sparsity", base.sparsity) > 0:
+        out[slot] = kw.get("decision", base.decision)
+  return out
 
 
 class TokenRouter(nn.Module):
@@ -125,6 +198,9 @@ class _Routed(nn.Module):
   def _check_routing(self, x):
     if self.mode not in MODES:
       raise ValueError(f"Routing mode={self.mode!r}; choose one of {MODES}.")
+    if self.decision not in DECISIONS:
+      raise ValueError(f"Routing decision={self.decision!r}; choose 'topk' (training, "
+                       f"teacher-forced) or 'causal' (inference, generation).")
     if self.compute not in COMPUTES:
       raise ValueError(f"Routing compute={self.compute!r}; choose one of {COMPUTES}.")
     if x.ndim != 3:
@@ -138,6 +214,38 @@ class _Routed(nn.Module):
     router = TokenRouter(hidden, 2 if self.mode == "informed" else 1,
                          param_dtype=self.param_dtype, name="router")
     return forecaster, router
+
+  def _causal_parts(self, d_model: int):
+    """The causal predictor (one logit per token) and its threshold parameter."""
+    hidden = self.router_hidden or max(1, d_model // 4)
+    predictor = TokenRouter(hidden, 1, param_dtype=self.param_dtype, name="causal")
+    threshold = self.param("causal_threshold", nn.with_logical_partitioning(
+        nn.initializers.zeros_init(), ()), (), jnp.float32)
+    return predictor, threshold
+
+  def _causal_logits(self, x, predictor):
+    """c(sg(x)) [b, t]: depends on each token's own input only."""
+    return predictor(jax.lax.stop_gradient(x))[..., 0]
+
+  def _causal_decide(self, x, predictor, threshold):
+    """Causal-mode decisions, bool [b, t]: c_i > tau (every token at sparsity 0)."""
+    if self.sparsity == 0.0:
+      return jnp.ones(x.shape[:2], bool)
+    return self._causal_logits(x, predictor) > threshold
+
+  def _causal_losses(self, x, predictor, threshold, executed):
+    """Topk mode: BCE of the predictor toward the top-k decision, pinball loss of the threshold
+    at the sparsity quantile; sows the causal decision beside the top-k one."""
+    c = self._causal_logits(x, predictor)
+    self.sow("intermediates", "causal_executed", (c > threshold).astype(jnp.int32))
+    if not self.causal_weight:
+      return
+    target = executed.astype(jnp.float32)
+    bce = jnp.mean(jax.nn.softplus(c) - target * c)
+    r = jax.lax.stop_gradient(c) - threshold
+    q = self.sparsity
+    pinball = jnp.mean(jnp.maximum(q * r, (q - 1.0) * r))
+    self.sow("losses", "routing_causal", self.causal_weight * (bce + pinball))
 
   def _decide(self, x, router, forecaster, k: int, routes):
     """(executed bool [b, t], exec_idx, rest_idx, logits or None)."""
@@ -198,10 +306,11 @@ class _Routed(nn.Module):
       self.sow("losses", "routing_recoverability", self.recoverability_weight *
                jnp.mean(jnp.square(logits[..., ERROR] - target)))
 
-  def _sow(self, executed, unit_macs, forecaster, router, logits, d_model):
+  def _sow(self, executed, unit_macs, forecaster, router, router_ran, d_model):
+    """Every token pays `router` when it ran; executed ones the unit, others the forecaster."""
     other = float(forecaster.macs(d_model)) if forecaster is not None else 0.0
     macs = jnp.where(executed, unit_macs, other)
-    if logits is not None:
+    if router_ran:
       macs = macs + float(router.macs(d_model))
     self.sow("intermediates", "executed", executed.astype(jnp.int32))
     self.sow("intermediates", "macs", macs.astype(jnp.float32))
@@ -227,6 +336,9 @@ class RoutedFFN(_Routed):
     sparsity: fraction of each sequence's tokens that do not execute (0 = dense).
     mode: "informed" (forecast the rest) or "greedy" (skip the rest: Mixture-of-Depths).
     compute: "masked" (training) or "gather" (inference with real savings).
+    decision: "topk" (per-sequence top-k: training, teacher-forced) or "causal" (each token
+      by the causal predictor and its threshold: inference, generation).
+    causal_weight: weight of the causal predictor's BCE and threshold losses (0: not sown).
     forecaster_rank: r of the forecaster; None means d_model // 8.
     router_hidden: hidden width of the router; None means d_model // 4.
     distill_weight: weight of the forecaster's distillation loss (0: not sown).
@@ -247,6 +359,8 @@ class RoutedFFN(_Routed):
   distill_weight: float = 0.0
   recoverability_weight: float = 1.0
   lora_rank: Optional[int] = None
+  decision: str = "topk"
+  causal_weight: float = 1.0
   impl: Optional[str] = None
 
   def _loras(self, d_model: int):
@@ -276,8 +390,21 @@ class RoutedFFN(_Routed):
     w_out = self.param("wo", nn.with_logical_partitioning(self.kernel_init, ("mlp", "embed")),
                        (self.d_ff, d_model), self.param_dtype).astype(self.dtype)
     forecaster, router = self._parts(d_model)
+    predictor, threshold = self._causal_parts(d_model)
     loras = self._loras(d_model)
+    unit_macs = ffn_macs(d_model, self.d_ff)
+    if loras is not None:
+      unit_macs += loras[0].macs(d_model) + loras[1].macs(self.d_ff)
+    if self.is_initializing():
+      self._causal_logits(x, predictor)
+    if self.decision == "causal" and routes is None and not self.is_initializing():
+      executed = self._causal_decide(x, predictor, threshold)
+      y = self._causal_ffn(x, w_in, w_out, loras, forecaster, executed)
+      self._sow(executed, float(unit_macs), forecaster, predictor, self.sparsity > 0, d_model)
+      return y
     executed, exec_idx, rest_idx, logits = self._decide(x, router, forecaster, k, routes)
+    if logits is not None:
+      self._causal_losses(x, predictor, threshold, executed)
 
     if self.compute == "masked" or (k == t and routes is None and not self.distill_weight):
       u = (feed_forward(x, w_in, w_out, self.activation) if loras is None else
@@ -287,11 +414,42 @@ class RoutedFFN(_Routed):
       y = u if (k == t and routes is None) else self._masked_combine(u, f, executed, logits)
     else:
       y = self._gather(x, w_in, w_out, exec_idx, rest_idx, logits, forecaster, loras)
-    unit_macs = ffn_macs(d_model, self.d_ff)
-    if loras is not None:
-      unit_macs += loras[0].macs(d_model) + loras[1].macs(self.d_ff)
-    self._sow(executed, float(unit_macs), forecaster, router, logits, d_model)
+    self._sow(executed, float(unit_macs), forecaster, router, logits is not None, d_model)
     return y
+
+  def _causal_ffn(self, x, w_in, w_out, loras, forecaster, executed):
+    """Causal mode: u on the executed tokens, the forecast (or 0) on the others. "gather" runs
+    u on a bucket of slots of the flattened tokens (rows do not interact: a slot holds one
+    token, and the bucket only sets how many slots run)."""
+    b, t, d_model = x.shape
+    base = jnp.zeros_like(x) if forecaster is None else forecaster(x).astype(x.dtype)
+    lora_params = None if loras is None else tuple(
+        self.variables["params"][name] for name in ("lora_wi", "lora_wo"))
+
+    def unit(xs):
+      if loras is None:
+        return feed_forward(xs, w_in, w_out, self.activation)
+      pre = jnp.einsum("...d,df->...f", xs, w_in)
+      h = activation_fn(self.activation)(
+          pre + loras[0].clone(parent=None).apply({"params": lora_params[0]}, xs))
+      return (jnp.einsum("...f,fd->...d", h, w_out) +
+              loras[1].clone(parent=None).apply({"params": lora_params[1]}, h))
+
+    if self.compute == "masked":
+      return jnp.where(executed[..., None], unit(x), base)
+    flat, flat_exec = x.reshape(b * t, d_model), executed.reshape(b * t)
+    order = jnp.argsort(~flat_exec, stable=True).astype(jnp.int32)
+
+    def branch(slots):
+      if slots == 0:
+        return jnp.zeros_like(flat)
+      rows = order[:slots]
+      u = unit(jnp.take(flat, rows, axis=0)[None])[0]  # [1, slots, d]: the FFN's layout
+      u = jnp.where(jnp.take(flat_exec, rows)[:, None], u, 0).astype(flat.dtype)
+      return jnp.zeros_like(flat).at[rows].set(u)
+
+    out = bucketed(jnp.sum(flat_exec), b * t, branch).reshape(b, t, d_model)
+    return jnp.where(executed[..., None], out, base)
 
   def _gather(self, x, w_in, w_out, exec_idx, rest_idx, logits, forecaster, loras):
     b, t, d_model = x.shape
@@ -330,6 +488,8 @@ class RoutedAttention(_Routed):
   router_hidden: Optional[int] = None
   distill_weight: float = 0.0
   recoverability_weight: float = 1.0
+  decision: str = "topk"
+  causal_weight: float = 1.0
   impl: Optional[str] = None
 
   def _attend(self, x, q_pos, weights, mask):
@@ -343,12 +503,12 @@ class RoutedAttention(_Routed):
 
   @nn.compact
   def __call__(self, x, positions, *, decode: bool = False, routes=None):
-    """x: [b, t, d] (normed); positions: [b, t]. Returns the attention's update [b, t, d]."""
+    """x: [b, t, d] (normed); positions: [b, t] (ignored when decoding: the cache index says).
+    Returns the attention's update [b, t, d]."""
     self._check_routing(x)
-    if decode:
-      raise ValueError("RoutedAttention has no KV cache (top-k routing over a sequence is not "
-                       "causal); decode with attention_cls=MultiHeadAttention, or evaluate "
-                       "teacher-forced.")
+    if decode and self.decision != "causal" and self.sparsity > 0:
+      raise ValueError("RoutedAttention decodes only with decision='causal' (a per-sequence "
+                       "top-k is not causal): bind routed_attention.decision = 'causal'.")
     b, t, d_model = x.shape
     h, hd = self.num_heads, self.head_dim
     k = executed_tokens(self.sparsity, t)
@@ -362,7 +522,23 @@ class RoutedAttention(_Routed):
                weight("value", (d_model, h, hd), ("embed", "heads", "kv")),
                weight("out", (h, hd, d_model), ("heads", "kv", "embed")))
     forecaster, router = self._parts(d_model)
+    predictor, threshold = self._causal_parts(d_model)
+    if self.is_initializing():
+      self._causal_logits(x, predictor)
+    if decode or (self.decision == "causal" and routes is None and not self.is_initializing()):
+      cached = self._decode(x, weights, forecaster, predictor, threshold) if decode else None
+      if cached is None:
+        executed = self._causal_decide(x, predictor, threshold)
+        y = self._causal_attention(x, positions, weights, forecaster, executed)
+        visible = causal_mask(positions, positions)[:, 0] & executed[:, None, :]
+      else:
+        y, executed, visible = cached
+      unit_macs = 4 * d_model * h * hd + 2 * h * hd * jnp.sum(visible, -1).astype(jnp.float32)
+      self._sow(executed, unit_macs, forecaster, predictor, self.sparsity > 0, d_model)
+      return y
     executed, exec_idx, rest_idx, logits = self._decide(x, router, forecaster, k, routes)
+    if logits is not None:
+      self._causal_losses(x, predictor, threshold, executed)
 
     causal = causal_mask(positions, positions)
     if self.compute == "masked" or (k == t and routes is None and not self.distill_weight):
@@ -379,8 +555,98 @@ class RoutedAttention(_Routed):
     visible = jnp.sum(causal[:, 0] & executed[:, None, :], axis=-1).astype(jnp.float32)
     inner = h * hd
     unit_macs = 4 * d_model * inner + 2 * inner * visible
-    self._sow(executed, unit_macs, forecaster, router, logits, d_model)
+    self._sow(executed, unit_macs, forecaster, router, logits is not None, d_model)
     return y
+
+  def _base(self, x, forecaster):
+    return jnp.zeros_like(x) if forecaster is None else forecaster(x).astype(x.dtype)
+
+  def _causal_attention(self, x, positions, weights, forecaster, executed):
+    """Causal mode, full sequence: an executed token attends to the executed tokens at or
+    before it; the others take the forecast (or 0). "gather" runs the attention on a bucket of
+    slots per row (the longest row's executed count, rounded up to a bucket)."""
+    base = self._base(x, forecaster)
+    if self.compute == "masked":
+      mask = causal_mask(positions, positions) & executed[:, None, None, :]
+      return jnp.where(executed[..., None], self._attend(x, positions, weights, mask), base)
+    b, t, _ = x.shape
+    order = executed_first(executed)
+    rows = jnp.arange(b)[:, None]
+
+    def branch(slots):
+      if slots == 0:
+        return jnp.zeros_like(x)
+      idx = order[:, :slots]
+      valid = jnp.take_along_axis(executed, idx, axis=1)
+      ps = jnp.take_along_axis(positions, idx, axis=1)
+      xs = jnp.take_along_axis(x, idx[..., None], axis=1)
+      u = self._attend(xs, ps, weights, causal_mask(ps, ps) & valid[:, None, None, :])
+      return jnp.zeros_like(x).at[rows, idx].set(jnp.where(valid[..., None], u, 0))
+
+    out = bucketed(jnp.max(jnp.sum(executed, axis=1)), t, branch)
+    return jnp.where(executed[..., None], out, base)
+
+  def _decode(self, x, weights, forecaster, predictor, threshold):
+    """The KV-cache call (T new tokens at the cache index; causal mode). Returns None at init
+    (the caller's full pass sizes the cache), else (y, executed [b, T], visible [b, T, L]).
+
+    Every new token writes its slot's `cached_executed` flag; only an executed token's key and
+    value are read by anybody (gather compute, T = 1: only executed rows even compute and write
+    them). A query sees the cache slots at or before its position whose flag is set: exactly
+    the keys of the full causal-mode pass."""
+    b, t, d_model = x.shape
+    h, hd = self.num_heads, self.head_dim
+    initialized = self.has_variable("cache", "cached_key")
+    ck = self.variable("cache", "cached_key", jnp.zeros, (b, t, h, hd), self.dtype)
+    cv = self.variable("cache", "cached_value", jnp.zeros, (b, t, h, hd), self.dtype)
+    ce = self.variable("cache", "cached_executed", jnp.zeros, (b, t), bool)
+    ci = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+    if not initialized:
+      return None
+    wq, wk, wv, wo = weights
+    rope = dict(base=self.rope_base, fraction=self.rope_fraction)
+    executed = self._causal_decide(x, predictor, threshold)
+    start = ci.value
+    length = ck.value.shape[1]
+    positions = start + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    flags = jax.lax.dynamic_update_slice(ce.value, executed, (0, start))
+    visible = causal_mask(positions, jnp.broadcast_to(jnp.arange(length), (b, length)))
+    visible = visible[:, 0] & flags[:, None, :]
+
+    def project(xs, ps):
+      q = apply_rope(jnp.einsum("btd,dhk->bthk", xs, wq), ps, **rope)
+      k = apply_rope(jnp.einsum("btd,dhk->bthk", xs, wk), ps, **rope)
+      return q, k, jnp.einsum("btd,dhk->bthk", xs, wv)
+
+    def attend(q, keys, values, mask):
+      out = dot_product_attention(q, keys, values, mask[:, None], self.dtype)
+      return jnp.einsum("bthk,hkd->btd", out, wo)
+
+    if self.compute == "gather" and t == 1:
+      order = jnp.argsort(~executed[:, 0], stable=True).astype(jnp.int32)
+
+      def branch(slots):
+        if slots == 0:
+          return jnp.zeros_like(x), ck.value, cv.value
+        rows = order[:slots]
+        valid = executed[rows, 0]
+        q, k, v = project(x[rows], positions[rows])
+        keys = jax.lax.dynamic_update_slice(ck.value[rows], k, (0, start, 0, 0))
+        values = jax.lax.dynamic_update_slice(cv.value[rows], v, (0, start, 0, 0))
+        u = jnp.where(valid[:, None, None], attend(q, keys, values, visible[rows]), 0)
+        keep = valid[:, None, None, None]
+        return (jnp.zeros_like(x).at[rows].set(u.astype(x.dtype)),
+                ck.value.at[rows].set(jnp.where(keep, keys, ck.value[rows])),
+                cv.value.at[rows].set(jnp.where(keep, values, cv.value[rows])))
+
+      u, keys, values = bucketed(jnp.sum(executed), b, branch)
+    else:
+      q, k, v = project(x, positions)
+      keys = jax.lax.dynamic_update_slice(ck.value, k, (0, start, 0, 0))
+      values = jax.lax.dynamic_update_slice(cv.value, v, (0, start, 0, 0))
+      u = attend(q, keys, values, visible)
+    ck.value, cv.value, ce.value, ci.value = keys, values, flags, start + t
+    return jnp.where(executed[..., None], u, self._base(x, forecaster)), executed, visible
 
   def _gather(self, x, positions, weights, exec_idx, rest_idx, logits, forecaster):
     b, t, d_model = x.shape

@@ -7,7 +7,9 @@ One prompt per line of --prompts, each used whole (rows keep their own positions
 prompt's positions run every layer, then the SkipDecode schedule, batch-uniform, applies). A row
 stops at its EOS or after --max_new_tokens. Writes one JSONL row per prompt to --output:
 prompt, continuation, ids and logprobs of the generated tokens, macs_per_token, tokens_per_s.
-Models whose routing is not causal (informed routing, Mixture-of-Depths) are refused.
+Routed models (informed routing, Mixture-of-Depths) decode with causal decisions (each token
+by its causal predictor and threshold; a unit a token does not execute costs it nothing in that
+step), in gather compute; --gin_bindings apply over the saved config after that.
 """
 import json
 
@@ -25,6 +27,7 @@ flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
 flags.DEFINE_integer("top_k", None, "Keep the k most likely tokens.")
 flags.DEFINE_float("top_p", None, "Keep the smallest set of tokens with this much mass.")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
+flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings applied over the saved config.")
 flags.mark_flags_as_required(["checkpoint_dir", "prompts"])
 FLAGS = flags.FLAGS
 
@@ -38,8 +41,8 @@ def main():
   from adacomp.methods import registry  # pylint: disable=unused-import
   from adacomp.methods.skipdecode import schedule as skip_schedule
   from adacomp import checkpointing, data
+  from adacomp.methods.informed_routing import factories
   from adacomp.models import build
-  from layers import routing
 
   prompts = FLAGS.prompts
   if not os.path.isfile(prompts) and os.path.isfile(os.path.join(gin_utils.REPO_ROOT, prompts)):
@@ -52,16 +55,11 @@ def main():
     raise ValueError(f"--prompts={FLAGS.prompts} holds no prompt; write one prompt per line.")
   if FLAGS.max_new_tokens < 1:
     raise ValueError(f"--max_new_tokens={FLAGS.max_new_tokens}: generate at least one token.")
-  step, meta = gin_utils.parse_checkpoint_config(FLAGS.checkpoint_dir)
+  bindings = factories.decision_bindings("causal") + [
+      "routed_ffn.compute = 'gather'", "routed_attention.compute = 'gather'"]
+  step, meta = gin_utils.parse_checkpoint_config(FLAGS.checkpoint_dir,
+                                                 gin_bindings=bindings + FLAGS.gin_bindings)
   model, params = build.load_decoder(FLAGS.checkpoint_dir, meta, step)
-  for slot in ("ffn_cls", "attention_cls"):
-    cls = getattr(model.config, slot)
-    cls = getattr(cls, "func", cls)
-    if isinstance(cls, type) and issubclass(cls, (routing.RoutedFFN, routing.RoutedAttention)):
-      raise ValueError(
-          f"{FLAGS.checkpoint_dir} routes tokens with a per-sequence top-k ({cls.__name__}), "
-          f"which is not causal: a generating model cannot make those decisions, so this "
-          f"script refuses rather than decode a different model.")
   layers = model.config.num_layers
 
   def schedule_fn(total, prompt_width):

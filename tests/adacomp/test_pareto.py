@@ -42,8 +42,11 @@ def _result(corpus, tmp_path_factory):
       pareto.parse_entry(f"duo small={root / 'duo'};duo_ffn.mode='small'"),
       pareto.parse_entry(f"duo p0.5={root / 'duo'};duo_ffn.mode='random';"
                          f"duo_ffn.mix=(0.0, 0.5, 0.5)"),
+      # The top-k capacity is the budget knob (routing is causal unless an entry says).
       *[pareto.parse_entry(f"informed {sp}={root / 'informed'};routed_ffn.sparsity={sp};"
-                           f"routed_ffn.compute='gather'") for sp in (0.25, 0.5, 0.75)],
+                           f"routed_ffn.compute='gather';routed_ffn.decision='topk'")
+        for sp in (0.25, 0.5, 0.75)],
+      pareto.parse_entry(f"informed causal={root / 'informed'};routed_ffn.compute='gather'"),
       pareto.parse_entry(f"skip 1.5x={root / 'dense'};" + ";".join(skip) +
                          ";schedule_for_speedup.speedup=1.5;ref=dense"),
       pareto.parse_entry(f"skip 2x={root / 'dense'};" + ";".join(skip) +
@@ -73,6 +76,13 @@ def test_compute_is_monotone_in_each_budget_knob(result):
   assert skip[0] > skip[1] > skip[2]
   informed = [rows[f"informed {sp}"]["compute"] for sp in (0.25, 0.5, 0.75)]  # sparsity
   assert informed[0] > informed[1] > informed[2]
+
+
+def test_routed_entries_are_causal_unless_they_ask_for_top_k(result):
+  _, rows = result
+  assert rows["informed causal"]["routing"] == "causal"
+  assert all(rows[f"informed {sp}"]["routing"] == "topk" for sp in (0.25, 0.5, 0.75))
+  assert "routing" not in rows["dense"]
 
 
 def test_skipdecode_entries_are_timed_generating_and_the_rest_forward(result):

@@ -209,9 +209,9 @@ def test_compiled_flops_fall_with_sparsity_in_the_gather_path(mode):
   assert flops[-1] < 0.5 * flops[0], flops
 
 
-def test_routed_attention_refuses_kv_cache_decoding():
+def test_routed_attention_decodes_only_with_causal_decisions():
   module = RoutedAttention(H, HD, sparsity=0.5)
-  with pytest.raises(ValueError, match="KV cache"):
+  with pytest.raises(ValueError, match="decision = 'causal'"):
     module.init(jax.random.key(0), _x(), _positions(), decode=True)
 
 
@@ -303,3 +303,116 @@ def test_lora_unit_is_the_adapted_ffn_and_pays_the_adapters(compute):
 
 def _gelu(h):
   return 0.5 * h * (1 + np.vectorize(math.erf)(h / np.sqrt(2)))
+
+
+# -- causal routing --------------------------------------------------------------------------
+
+def _causal_params(module, *args, threshold=0.1):
+  params = _params(module, *args)
+  params["causal_threshold"] = jnp.asarray(threshold, jnp.float32)
+  return params
+
+
+def _causal_scores(params, x):
+  """The causal predictor's logit, recomputed in numpy."""
+  r = params["causal"]
+  h = np.maximum(np.asarray(x) @ r["hidden"]["kernel"] + r["hidden"]["bias"], 0.0)
+  return (h @ r["logits"]["kernel"] + r["logits"]["bias"])[..., 0]
+
+
+@pytest.mark.parametrize("mode", ["informed", "greedy"])
+@pytest.mark.parametrize("compute", ["masked", "gather"])
+def test_causal_ffn_executes_the_tokens_above_the_threshold(mode, compute):
+  module = RoutedFFN(d_ff=F, sparsity=0.5, mode=mode, compute=compute, decision="causal")
+  params = _causal_params(module, _x())
+  y, executed, macs, losses = _apply(module, params, _x())
+  want = _causal_scores(params, _x()) > 0.1
+  np.testing.assert_array_equal(executed, want)
+  assert 0 < want.sum() < want.size
+  dense = DenseFFN(d_ff=F).apply({"params": {"wi": params["wi"], "wo": params["wo"]}}, _x())
+  x = np.asarray(_x())
+  other = (x @ params["forecaster"]["down"] @ params["forecaster"]["up"] if mode == "informed"
+           else np.zeros_like(x))
+  np.testing.assert_allclose(y, np.where(want[..., None], dense, other), rtol=1e-5, atol=1e-5)
+  router = TokenRouter(D // 4, 1).macs(D)
+  unit = ffn_macs(D, F)
+  lff = 2 * D * (D // 8) if mode == "informed" else 0
+  np.testing.assert_array_equal(macs, np.where(want, unit, lff) + router)
+  assert not losses  # inference: nothing to train
+
+
+@pytest.mark.parametrize("compute", ["masked", "gather"])
+def test_causal_attention_attends_to_the_executed_tokens_up_to_itself(compute):
+  module = RoutedAttention(H, HD, sparsity=0.5, mode="greedy", compute=compute,
+                           decision="causal")
+  params = _causal_params(module, _x(), _positions())
+  y, executed, _, _ = _apply(module, params, _x(), _positions())
+  mha = {k: params[k] for k in ("query", "key", "value", "out")}
+  for row in range(B):
+    idx = np.flatnonzero(executed[row])
+    sub = _x()[row:row + 1, idx]
+    want = MultiHeadAttention(H, HD).apply({"params": mha}, sub, jnp.asarray(idx)[None])
+    np.testing.assert_allclose(y[row, idx], want[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(y[row])[~executed[row]], 0.0)
+
+
+@pytest.mark.parametrize("compute", ["masked", "gather"])
+@pytest.mark.parametrize("mode", ["informed", "greedy"])
+def test_routed_attention_kv_cache_equals_the_causal_pass(compute, mode):
+  """Prefill 5 tokens, then decode one by one: every position as the full causal pass."""
+  module = RoutedAttention(H, HD, sparsity=0.5, mode=mode, compute=compute, decision="causal")
+  params = _causal_params(module, _x(), _positions())
+  full, executed, _, _ = _apply(module, params, _x(), _positions())
+  dec = module.clone(compute=compute)
+  cache = dec.init(jax.random.key(0), _x(), _positions(), decode=True)["cache"]
+  step = jax.jit(lambda c, x: dec.apply({"params": params, "cache": c}, x, _positions()[:, :x.shape[1]],
+                                        decode=True, mutable=["cache"]))
+  outs = []
+  y, state = step(cache, _x()[:, :5])
+  outs.append(y)
+  cache = state["cache"]
+  for position in range(5, T):
+    y, state = step(cache, _x()[:, position:position + 1])
+    cache = state["cache"]
+    outs.append(y)
+  np.testing.assert_allclose(jnp.concatenate(outs, 1), full, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(cache["cached_executed"]), executed)
+
+
+def test_causal_losses_are_the_bce_toward_top_k_and_the_threshold_pinball():
+  module = RoutedFFN(d_ff=F, sparsity=0.75, mode="greedy", causal_weight=2.0)
+  params = _causal_params(module, _x(), threshold=0.3)
+  _, executed, _, losses = _apply(module, params, _x())
+  c = _causal_scores(params, _x())
+  target = executed.astype(np.float32)
+  bce = np.mean(np.logaddexp(0.0, c) - target * c)
+  r = c - 0.3
+  pinball = np.mean(np.maximum(0.75 * r, -0.25 * r))
+  np.testing.assert_allclose(losses["routing_causal"][0], 2.0 * (bce + pinball), rtol=1e-5)
+
+
+def test_causal_losses_train_only_the_predictor_and_its_threshold():
+  """Stop-gradient input: the auxiliary loss cannot change the model's function."""
+  module = RoutedFFN(d_ff=F, sparsity=0.5, mode="informed")
+  params = _causal_params(module, _x())
+
+  def loss(p, x):
+    _, state = module.apply({"params": p}, x, mutable=["losses", "intermediates"])
+    return state["losses"]["routing_causal"][0]
+
+  gp, gx = jax.grad(loss, argnums=(0, 1))(params, _x())
+  np.testing.assert_array_equal(gx, 0.0)
+  for name, g in gp.items():
+    nonzero = any(np.any(np.asarray(a) != 0) for a in jax.tree.leaves(g))
+    assert nonzero == (name in ("causal", "causal_threshold")), name
+
+
+def test_threshold_pinball_minimiser_is_the_sparsity_quantile():
+  """Gradient descent on tau alone lands on the q-quantile of fixed logits."""
+  c = np.asarray(jax.random.normal(jax.random.key(3), (4000,)))
+  q = 0.75
+  grad = jax.grad(lambda tau: jnp.mean(jnp.maximum(q * (c - tau), (q - 1) * (c - tau))))
+  tau = 0.0
+  for i in range(3000):
+    tau = tau - 0.01 * float(grad(tau))
+  assert abs(np.mean(c > tau) - (1 - q)) < 0.01

@@ -3,6 +3,8 @@ dense -> forecaster distillation -> router -> LoRA; the greedy (MoD) baseline fr
 dense run."""
 import json
 import os
+import subprocess
+import sys
 
 import gin
 import jax
@@ -11,7 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from adacomp import checkpointing, gin_utils, training
-from tests.corpus import TINY_GIN, corpus_bindings
+from tests.corpus import REPO, TINY_GIN, corpus_bindings
 
 L, D, F, R, H = 2, 32, 64, 32 // 8, 32 // 4  # tiny_train.gin sizes; rank d/8, router d/4
 FAST = ("train.num_steps = 4", "train.eval_every = 0", "train.eval_batches = 2",
@@ -70,7 +72,9 @@ def test_distillation_stage_trains_only_forecasters_and_keeps_the_dense_model(ru
   assert set(lff) - set(dense) == {
       "blocks/ffn/forecaster/down", "blocks/ffn/forecaster/up", "blocks/ffn/router/hidden/bias",
       "blocks/ffn/router/hidden/kernel", "blocks/ffn/router/logits/bias",
-      "blocks/ffn/router/logits/kernel"}
+      "blocks/ffn/router/logits/kernel", "blocks/ffn/causal/hidden/bias",
+      "blocks/ffn/causal/hidden/kernel", "blocks/ffn/causal/logits/bias",
+      "blocks/ffn/causal/logits/kernel", "blocks/ffn/causal_threshold"}
   # Sparsity 0: the model is the dense one, whatever the forecasters learnt.
   assert runs["lff"]["bits_per_byte"] == pytest.approx(runs["dense"]["bits_per_byte"], rel=1e-6)
   assert runs["lff"]["macs_per_token"] == runs["dense"]["macs_per_token"]
@@ -82,7 +86,9 @@ def test_router_stage_trains_only_routers_and_reports_the_routed_compute(runs):
   root = runs["root"]
   lff, router = _params(root / "lff"), _params(root / "router")
   moved = _moved(lff, router)
-  assert moved and all("/router/" in k for k in moved), moved
+  # The routers, and the causal predictors with their thresholds (trained beside them).
+  assert moved and all("/router/" in k or "/causal" in k for k in moved), moved
+  assert "blocks/ffn/causal_threshold" in moved and "blocks/ffn/causal/logits/kernel" in moved
   # Half the tokens run the FFN, the others the forecaster; every token pays the router.
   ffn_part = 0.5 * 2 * D * F + 0.5 * 2 * D * R + (D * H + H * 2)
   expected = runs["dense"]["macs_per_token"] - L * 2 * D * F + L * ffn_part
@@ -110,3 +116,42 @@ def test_lora_stage_trains_only_the_adapters_and_pays_them_on_executed_tokens(ru
   adapters = 2 * (D + F) + 2 * (F + D)
   assert runs["lora"]["macs_per_token"] == pytest.approx(
       runs["router"]["macs_per_token"] + L * 0.5 * adapters, rel=1e-6)
+
+
+def _script(*args):
+  out = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO,
+                       timeout=300, check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return out
+
+
+@pytest.mark.parametrize("run", ["router", "mod"])
+def test_generate_decodes_routed_models_causally_with_every_prompt_whole(runs, run, tmp_path):
+  prompts = tmp_path / "prompts.txt"
+  lines = ["def main(argv):", "import os", "class A:\tpass  # three lengths"]
+  prompts.write_text("\n".join(lines) + "\n")
+  _script(os.path.join(REPO, "scripts", "generate.py"), f"--checkpoint_dir={runs['root'] / run}",
+          f"--prompts={prompts}", "--max_new_tokens=6", f"--output={tmp_path / 'gen.jsonl'}")
+  rows = [json.loads(l) for l in open(tmp_path / "gen.jsonl")]
+  assert [r["prompt"] for r in rows] == lines
+  eos = 258  # the byte tokenizer's
+  for r in rows:
+    assert len(r["ids"]) == len(r["logprobs"]) and 1 <= len(r["ids"]) <= 6
+    assert len(r["ids"]) == 6 or r["ids"][-1] == eos  # stopped early only at EOS
+    assert all(lp <= 0.0 for lp in r["logprobs"]) and r["macs_per_token"] > 0
+
+
+def test_eval_reports_causal_routing_by_default_and_top_k_when_asked(runs, tmp_path):
+  reports = {}
+  for routing in ("causal", "topk"):
+    output = tmp_path / f"{routing}.json"
+    _script("eval.py", f"--checkpoint_dir={runs['root'] / 'router'}", f"--output={output}",
+            *([] if routing == "causal" else ["--routing=topk"]))
+    reports[routing] = json.loads(output.read_text())
+  assert reports["causal"]["routing"] == "causal" and reports["topk"]["routing"] == "topk"
+  # The top-k figure is the one training's own evaluation reported.
+  assert reports["topk"]["bits_per_byte"] == pytest.approx(runs["router"]["bits_per_byte"],
+                                                           rel=1e-5)
+  assert 0.0 <= reports["topk"]["causal_topk_agreement"] <= 1.0
+  assert reports["topk"]["topk_executed_fraction"] == pytest.approx(0.5)
+  assert "causal_topk_agreement" not in reports["causal"]
