@@ -1,0 +1,121 @@
+"""Informed routing and Mixture-of-Depths from an imported tiny Llama (gated SwiGLU FFN).
+
+The imported FFN is the routed unit's, parameter for parameter (the router, the causal
+predictor and its threshold, and the informed forecaster are new); at sparsity 0 every token
+executes, so the routed model is the imported one and gives transformers' reference logits
+(tests/hf/test_import.py checks the import against them). The forecaster stage
+(configs/informed_routing_lff.gin) and the router stage (configs/informed_routing.gin) train
+from it, and so does the greedy baseline (configs/mod.gin).
+"""
+import glob
+import json
+import os
+import pathlib
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from adacomp import checkpointing, gin_utils, training
+from adacomp.hf import importer
+from adacomp.models import build
+from tests.corpus import TINY_GIN, corpus_bindings
+from tests.hf.common import assert_logits_close, fixture, reference
+
+FAST = ("train.num_steps = 3", "train.eval_every = 0", "train.eval_batches = 2",
+        "make_manager.save_every = 3", "make_optimizer.decay_steps = 3")
+FFN = "['blocks']['ffn']"
+NEW = ("router", "causal", "causal_threshold", "forecaster")
+
+
+def _parse(configs, *bindings):
+  gin.clear_config()
+  gin_utils.parse(configs, list(bindings), finalize=False)
+
+
+def _import(workdir: str) -> str:
+  importer.import_lm(fixture("llama"), workdir, log=lambda m: None)
+  return os.path.join(workdir, "config.gin")
+
+
+def _hf_ffn() -> dict:
+  """The Llama fixture's FFN tensors in DenseFFN's names and layout, stacked over layers."""
+  hf = {}
+  for f in glob.glob(os.path.join(fixture("llama"), "*.safetensors")):
+    hf.update(load_file(f))
+  config = json.loads(pathlib.Path(fixture("llama"), "config.json").read_text(encoding="utf-8"))
+  names = {"wi_gate": "gate_proj", "wi": "up_proj", "wo": "down_proj"}  # nn.Linear: [out, in]
+  return {k: np.stack([hf[f"model.layers.{i}.mlp.{v}.weight"].T
+                       for i in range(config["num_hidden_layers"])]) for k, v in names.items()}
+
+
+def _assert_imported_ffn(ffn: dict):
+  for name, want in _hf_ffn().items():
+    np.testing.assert_array_equal(ffn[name], want)
+
+
+@pytest.mark.parametrize("config, bindings", [
+    ("configs/informed_routing_lff.gin", ()),
+    ("configs/informed_routing.gin", ("SPARSITY = 0.0", "routed_ffn.compute = 'gather'")),
+    ("configs/informed_routing.gin", ("SPARSITY = 0.0", "routed_ffn.decision = 'causal'")),
+    ("configs/mod.gin", ("SPARSITY = 0.0",)),
+])
+def test_routed_llama_at_sparsity_zero_gives_transformers_logits(config, bindings, tmp_path):
+  imported = str(tmp_path / "llama")
+  _parse([config, _import(imported)], *bindings)
+  model = build.build_decoder(0)
+  fresh = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+  params, new, unused = checkpointing.init_params_from(imported, fresh)
+  assert unused == []
+  _assert_imported_ffn(params["blocks"]["ffn"])  # the pretrained FFN is the routed unit
+  assert new and all(p.startswith(FFN) and p[len(FFN) + 2:].split("'")[0] in NEW for p in new)
+  assert any("forecaster" in p for p in new) == ("mod" not in config)
+  ref = reference("llama")
+  assert_logits_close(model.apply({"params": params}, ref["ids"]), ref["logits"])
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [r["loss"] for r in map(json.loads, f) if r["split"] == "train"]
+
+
+def _trained_ffn(workdir: str) -> dict:
+  _, meta = gin_utils.parse_checkpoint_config(workdir)
+  _, params = build.load_decoder(workdir, meta, checkpointing.read_meta(workdir)[0])
+  return params["blocks"]["ffn"]
+
+
+def test_informed_routing_and_mod_train_from_an_imported_llama(corpus, tmp_path, capsys):
+  imported = str(tmp_path / "llama")
+  config = _import(imported)
+  common = corpus_bindings(corpus) + list(FAST)
+  lff = str(tmp_path / "lff")
+  _parse(["configs/informed_routing_lff.gin", TINY_GIN, config],
+         *common, f"train.init_checkpoint = '{imported}'")
+  training.train(lff)
+  said = capsys.readouterr().out
+  # New: the router and the causal predictor (kernel and bias of 2 layers each), the threshold,
+  # the forecaster's down and up; nothing of the import is unused.
+  assert f"Initialised params from {imported}; {4 + 4 + 1 + 2} new parameter(s)" in said
+  assert f"{FFN}['forecaster']" in said and "unused" not in said
+  assert np.all(np.isfinite(_losses(lff))) and _losses(lff)
+  _assert_imported_ffn(_trained_ffn(lff))  # only the forecasters trained: the FFN is Llama's
+  # The router stage from the forecaster stage (only the routers train).
+  router = str(tmp_path / "router")
+  _parse(["configs/informed_routing.gin", TINY_GIN, config],
+         *common, f"train.init_checkpoint = '{lff}'")
+  training.train(router)
+  assert np.all(np.isfinite(_losses(router))) and _losses(router)
+  _assert_imported_ffn(_trained_ffn(router))
+  # Mixture-of-Depths from the import (the whole model trains with its routers).
+  _parse(["configs/mod.gin", TINY_GIN, config],
+         *common, f"train.init_checkpoint = '{imported}'")
+  training.train(str(tmp_path / "mod"))
+  said = capsys.readouterr().out
+  assert f"{4 + 4 + 1} new parameter(s)" in said and "forecaster" not in said  # no forecaster
+  assert "unused" not in said
+  assert np.all(np.isfinite(_losses(tmp_path / "mod"))) and _losses(tmp_path / "mod")
