@@ -1,4 +1,5 @@
-"""Informed routing and Mixture-of-Depths from an imported tiny Llama (gated SwiGLU FFN).
+"""Informed routing and Mixture-of-Depths from imported tiny models: Llama (gated SwiGLU FFN)
+and GPT-2 (biased FFN).
 
 The imported FFN is the routed unit's, parameter for parameter (the router, the causal
 predictor and its threshold, and the informed forecaster are new); at sparsity 0 every token
@@ -37,44 +38,56 @@ def _parse(configs, *bindings):
   gin_utils.parse(configs, list(bindings), finalize=False)
 
 
-def _import(workdir: str) -> str:
-  importer.import_lm(fixture("llama"), workdir, log=lambda m: None)
+def _import(workdir: str, family: str = "llama") -> str:
+  """Imports a fixture (GPT-2 without a tokenizer: it has none); returns its config.gin path."""
+  tokenizer = importer.NO_TOKENIZER if family == "gpt2" else None
+  importer.import_lm(fixture(family), workdir, tokenizer=tokenizer, log=lambda m: None)
   return os.path.join(workdir, "config.gin")
 
 
-def _hf_ffn() -> dict:
-  """The Llama fixture's FFN tensors in DenseFFN's names and layout, stacked over layers."""
+def _hf_ffn(family: str) -> dict:
+  """The fixture's FFN tensors in DenseFFN's names and layout, stacked over layers."""
   hf = {}
-  for f in glob.glob(os.path.join(fixture("llama"), "*.safetensors")):
+  for f in glob.glob(os.path.join(fixture(family), "*.safetensors")):
     hf.update(load_file(f))
-  config = json.loads(pathlib.Path(fixture("llama"), "config.json").read_text(encoding="utf-8"))
+  config = json.loads(pathlib.Path(fixture(family), "config.json").read_text(encoding="utf-8"))
+  if family == "gpt2":  # Conv1D weights are stored [in, out] already
+    names = {"wi": "mlp.c_fc.weight", "bi": "mlp.c_fc.bias", "wo": "mlp.c_proj.weight",
+             "bo": "mlp.c_proj.bias"}
+    return {k: np.stack([hf[f"transformer.h.{i}.{v}"] for i in range(config["n_layer"])])
+            for k, v in names.items()}
   names = {"wi_gate": "gate_proj", "wi": "up_proj", "wo": "down_proj"}  # nn.Linear: [out, in]
   return {k: np.stack([hf[f"model.layers.{i}.mlp.{v}.weight"].T
                        for i in range(config["num_hidden_layers"])]) for k, v in names.items()}
 
 
-def _assert_imported_ffn(ffn: dict):
-  for name, want in _hf_ffn().items():
-    np.testing.assert_array_equal(ffn[name], want)
+def _assert_imported_ffn(ffn: dict, family: str = "llama"):
+  want = _hf_ffn(family)
+  assert set(k for k in ffn if k[:2] in ("wi", "wo", "bi", "bo")) == set(want)
+  for name, value in want.items():
+    np.testing.assert_array_equal(ffn[name], value)
 
 
-@pytest.mark.parametrize("config, bindings", [
-    ("configs/informed_routing_lff.gin", ()),
-    ("configs/informed_routing.gin", ("SPARSITY = 0.0", "routed_ffn.compute = 'gather'")),
-    ("configs/informed_routing.gin", ("SPARSITY = 0.0", "routed_ffn.decision = 'causal'")),
-    ("configs/mod.gin", ("SPARSITY = 0.0",)),
+@pytest.mark.parametrize("family, config, bindings", [
+    ("llama", "configs/informed_routing_lff.gin", ()),
+    ("llama", "configs/informed_routing.gin", ("SPARSITY = 0.0", "routed_ffn.compute = 'gather'")),
+    ("llama", "configs/informed_routing.gin", ("SPARSITY = 0.0", "routed_ffn.decision = 'causal'")),
+    ("llama", "configs/mod.gin", ("SPARSITY = 0.0",)),
+    ("gpt2", "configs/informed_routing.gin", ("SPARSITY = 0.0", "routed_ffn.compute = 'gather'")),
+    ("gpt2", "configs/mod.gin", ("SPARSITY = 0.0", "routed_ffn.decision = 'causal'")),
 ])
-def test_routed_llama_at_sparsity_zero_gives_transformers_logits(config, bindings, tmp_path):
-  imported = str(tmp_path / "llama")
-  _parse([config, _import(imported)], *bindings)
+def test_routed_model_at_sparsity_zero_gives_transformers_logits(family, config, bindings,
+                                                                 tmp_path):
+  imported = str(tmp_path / family)
+  _parse([config, _import(imported, family)], *bindings)
   model = build.build_decoder(0)
   fresh = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
   params, new, unused = checkpointing.init_params_from(imported, fresh)
   assert unused == []
-  _assert_imported_ffn(params["blocks"]["ffn"])  # the pretrained FFN is the routed unit
+  _assert_imported_ffn(params["blocks"]["ffn"], family)  # the pretrained FFN is the routed unit
   assert new and all(p.startswith(FFN) and p[len(FFN) + 2:].split("'")[0] in NEW for p in new)
   assert any("forecaster" in p for p in new) == ("mod" not in config)
-  ref = reference("llama")
+  ref = reference(family)
   assert_logits_close(model.apply({"params": params}, ref["ids"]), ref["logits"])
 
 
