@@ -481,11 +481,13 @@ def _silu(h):
   return h / (1 + np.exp(-h))
 
 
-@pytest.mark.parametrize("compute", ["masked", "gather"])
-def test_lora_on_the_gated_biased_unit_adapts_all_three_matrices(compute):
+@pytest.mark.parametrize("compute, decision", [("masked", "topk"), ("gather", "topk"),
+                                               ("gather", "causal")])
+def test_lora_on_the_gated_biased_unit_adapts_all_three_matrices(compute, decision):
   module = RoutedFFN(d_ff=F, sparsity=0.5, compute=compute, lora_rank=4, gated=True,
-                     use_bias=True, activation="silu")
+                     use_bias=True, activation="silu", decision=decision)
   params = _form_params(module)
+  params["causal_threshold"] = jnp.asarray(0.1, jnp.float32)
   assert {"lora_wi", "lora_wi_gate", "lora_wo"} <= set(params)
   for i, name in enumerate(("lora_wi", "lora_wi_gate", "lora_wo")):
     b = params[name]["b"]
@@ -499,7 +501,10 @@ def test_lora_on_the_gated_biased_unit_adapts_all_three_matrices(compute):
   forecast = x @ params["forecaster"]["down"] @ params["forecaster"]["up"]
   np.testing.assert_allclose(y, np.where(executed[..., None], unit, forecast), rtol=1e-4,
                              atol=1e-5)
+  if decision == "causal":
+    np.testing.assert_array_equal(executed, _causal_scores(params, _x()) > 0.1)
+  assert 0 < executed.sum() < executed.size
   adapters = 2 * 4 * (D + F) + 4 * (F + D)
-  router = D * (D // 4) + (D // 4) * 2
+  router = D * (D // 4) + (D // 4) * (1 if decision == "causal" else 2)  # predictor / router
   np.testing.assert_array_equal(
       macs, np.where(executed, 3 * D * F + adapters, 2 * D * (D // 8)) + router)
