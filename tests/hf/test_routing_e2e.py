@@ -21,8 +21,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from adacomp import checkpointing, gin_utils, training
+from adacomp import checkpointing, decoding, gin_utils, training
 from adacomp.hf import importer
+from adacomp.methods.skipdecode import schedule as skip_schedule
 from adacomp.models import build
 from tests.corpus import TINY_GIN, corpus_bindings
 from tests.hf.common import assert_logits_close, fixture, reference
@@ -132,3 +133,26 @@ def test_informed_routing_and_mod_train_from_an_imported_llama(corpus, tmp_path,
   assert f"{4 + 4 + 1} new parameter(s)" in said and "forecaster" not in said  # no forecaster
   assert "unused" not in said
   assert np.all(np.isfinite(_losses(tmp_path / "mod"))) and _losses(tmp_path / "mod")
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5])
+def test_routed_llama_decodes_token_by_token_as_its_causal_pass(sparsity, tmp_path):
+  """The KV-cache decoder (generation) on the routed Llama with causal decisions: at sparsity 0
+  transformers' reference logits, at 0.5 the full causal-decision pass (not the dense model:
+  some tokens' FFNs take the forecast, zero from the fresh forecaster)."""
+  imported = str(tmp_path / "llama")
+  _parse(["configs/informed_routing.gin", _import(imported)], f"SPARSITY = {sparsity}",
+         "routed_ffn.decision = 'causal'", "routed_ffn.compute = 'gather'")
+  model = build.build_decoder(0)
+  fresh = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+  params, _, _ = checkpointing.init_params_from(imported, fresh)
+  ref = reference("llama")
+  decoder = decoding.Decoder(model.config)
+  sched = skip_schedule.full_schedule(ref["ids"].shape[1], model.config.num_layers)
+  logits = decoding.teacher_forced_logits(decoder, params, ref["ids"], sched, prompt_len=3)
+  full = model.apply({"params": params}, ref["ids"])
+  assert_logits_close(logits, full)
+  if sparsity == 0.0:
+    assert_logits_close(logits, ref["logits"])
+  else:
+    assert np.abs(np.asarray(full) - ref["logits"]).max() > 1e-2
