@@ -5,8 +5,9 @@ The imported FFN is the routed unit's, parameter for parameter (the router, the 
 predictor and its threshold, and the informed forecaster are new); at sparsity 0 every token
 executes, so the routed model is the imported one and gives transformers' reference logits
 (tests/hf/test_import.py checks the import against them). The forecaster stage
-(configs/informed_routing_lff.gin) and the router stage (configs/informed_routing.gin) train
-from it, and so does the greedy baseline (configs/mod.gin).
+(configs/informed_routing_lff.gin), the router stage (configs/informed_routing.gin) and the
+LoRA stage (configs/informed_routing_lora.gin) train from it, and so does the greedy baseline
+(configs/mod.gin).
 """
 import glob
 import json
@@ -125,6 +126,16 @@ def test_informed_routing_and_mod_train_from_an_imported_llama(corpus, tmp_path,
   training.train(router)
   assert np.all(np.isfinite(_losses(router))) and _losses(router)
   _assert_imported_ffn(_trained_ffn(router))
+  # The LoRA stage from the router stage: an adapter on each of the three gated matrices.
+  capsys.readouterr()
+  _parse(["configs/informed_routing_lora.gin", TINY_GIN, config],
+         *common, f"train.init_checkpoint = '{router}'")
+  training.train(str(tmp_path / "lora"))
+  said = capsys.readouterr().out
+  assert "6 new parameter(s)" in said and all(
+      f"{FFN}['lora_{m}']['{w}']" in said for m in ("wi_gate", "wi", "wo") for w in "ab")
+  assert np.all(np.isfinite(_losses(tmp_path / "lora"))) and _losses(tmp_path / "lora")
+  _assert_imported_ffn(_trained_ffn(tmp_path / "lora"))  # the base stays frozen
   # Mixture-of-Depths from the import (the whole model trains with its routers).
   _parse(["configs/mod.gin", TINY_GIN, config],
          *common, f"train.init_checkpoint = '{imported}'")
