@@ -98,12 +98,15 @@ forecaster's (informed) or nothing (greedy) for the others, plus the router's fo
 when the router decided. At sparsity 0 that is exactly the dense unit's MACs.
 
 LoRA (RoutedFFN, `lora_rank`): the paper's optional last stage fine-tunes the frozen base with
-low-rank adapters after the routers; here both FFN matrices get one (`layers.lora`), W_in
-inside the activation and W_out on the hidden state: u(x) = (act(x W_in + LoRA_in(x))) W_out +
-LoRA_out(act(...)). Attention is not adapted. B starts at zero, so the unit starts as the
-router stage's; executed tokens pay the adapters' MACs (unmerged).
+low-rank adapters after the routers; here every FFN matrix gets one (`layers.lora`), W_in
+(and W_gate) inside the activation and W_out on the hidden state: u(x) = (act(x W_in +
+LoRA_in(x))) W_out + LoRA_out(act(...)); gated, act(x W_gate + LoRA_gate(x)) * (x W_in +
+LoRA_in(x)) is the hidden state. Attention is not adapted. B starts at zero, so the unit starts
+as the router stage's; executed tokens pay the adapters' MACs (unmerged).
 
-Parameters keep the dense units' names: `wi`, `wo` (RoutedFFN, like DenseFFN) and `query`,
+Parameters keep the dense units' names: `wi`, `wo` and, in the gated / biased forms
+(DecoderConfig.ffn_gated / mlp_bias: SwiGLU Llama, biased GPT-2), `wi_gate`, `bi`, `bi_gate`,
+`bo` (RoutedFFN, like DenseFFN; MACs 1.5x with the gate, as DenseFFN's) and `query`,
 `key`, `value`, `out` (RoutedAttention, like MultiHeadAttention), so a dense checkpoint loads
 into them, beside `router/...` and (informed) `forecaster/...`.
 """
@@ -328,11 +331,15 @@ class RoutedFFN(_Routed):
   """The FFN, executed for the top-k tokens, forecast (informed) or skipped (greedy) for the rest.
 
   Plugs into `DecoderConfig.ffn_cls` (see adacomp/methods/informed_routing/factories.py and the
-  module docstring).
+  module docstring). The unit is DenseFFN's, parameter for parameter (`wi`, `wo`; `wi_gate`
+  when gated; `bi`, `bo` and `bi_gate` with biases), so a dense or imported checkpoint's FFN
+  loads into it.
 
   Attributes:
     d_ff: hidden width of the FFN (the model's).
     activation: a `layers.mlp` activation name.
+    gated: the GLU form act(x W_gate) * (x W_in) (SwiGLU / GeGLU: DecoderConfig.ffn_gated).
+    use_bias: biases on the FFN's projections (GPT-2, OPT: DecoderConfig.mlp_bias).
     sparsity: fraction of each sequence's tokens that do not execute (0 = dense).
     mode: "informed" (forecast the rest) or "greedy" (skip the rest: Mixture-of-Depths).
     compute: "masked" (training) or "gather" (inference with real savings).
@@ -343,7 +350,7 @@ class RoutedFFN(_Routed):
     router_hidden: hidden width of the router; None means d_model // 4.
     distill_weight: weight of the forecaster's distillation loss (0: not sown).
     recoverability_weight: weight of the recoverability head's regression loss (informed).
-    lora_rank: None, or the rank of LoRA adapters on both FFN matrices (the LoRA stage).
+    lora_rank: None, or the rank of LoRA adapters on every FFN matrix (the LoRA stage).
     impl: kernel implementation of the pallas_kernels ops (None: the process default).
   """
   d_ff: int
@@ -351,6 +358,8 @@ class RoutedFFN(_Routed):
   dtype: DTypeLike = jnp.float32
   param_dtype: DTypeLike = jnp.float32
   kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+  gated: bool = False
+  use_bias: bool = False
   sparsity: float = 0.5
   mode: str = "informed"
   compute: str = "masked"
@@ -363,21 +372,65 @@ class RoutedFFN(_Routed):
   causal_weight: float = 1.0
   impl: Optional[str] = None
 
+  def _inputs(self):
+    """The input projections' names: the activated one first (DenseFFN's names)."""
+    return ("wi_gate", "wi") if self.gated else ("wi",)
+
+  def _weights(self, d_model: int) -> dict:
+    """DenseFFN's parameters by name: kernels `wi`(`_gate`), `wo`, biases `bi`(`_gate`), `bo`."""
+    def param(name, shape, axes, init=self.kernel_init):
+      return self.param(name, nn.with_logical_partitioning(init, axes), shape,
+                        self.param_dtype).astype(self.dtype)
+
+    w = {}
+    for name in self._inputs():
+      w[name] = param(name, (d_model, self.d_ff), ("embed", "mlp"))
+      if self.use_bias:
+        bias = "b" + name[1:]
+        w[bias] = param(bias, (self.d_ff,), ("mlp",), nn.initializers.zeros)
+    w["wo"] = param("wo", (self.d_ff, d_model), ("mlp", "embed"))
+    if self.use_bias:
+      w["bo"] = param("bo", (d_model,), ("embed",), nn.initializers.zeros)
+    return w
+
   def _loras(self, d_model: int):
+    """{matrix name: LoRA} on every FFN matrix, or None."""
     if self.lora_rank is None:
       return None
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    return (LoRA(self.lora_rank, self.d_ff, name="lora_wi", **kw),
-            LoRA(self.lora_rank, d_model, name="lora_wo", **kw))
+    loras = {name: LoRA(self.lora_rank, self.d_ff, name="lora_" + name, **kw)
+             for name in self._inputs()}
+    loras["wo"] = LoRA(self.lora_rank, d_model, name="lora_wo", **kw)
+    return loras
 
-  def _unit(self, x, w_in, w_out, loras, pre=None):
-    """The FFN on x [..., d] (with its LoRA adapters); `pre` = x W_in when already computed."""
-    pre = jnp.einsum("...d,df->...f", x, w_in) if pre is None else pre
-    if loras is None:
-      h = activation_fn(self.activation)(pre)
-      return jnp.einsum("...f,fd->...d", h, w_out)
-    h = activation_fn(self.activation)(pre + loras[0](x))
-    return jnp.einsum("...f,fd->...d", h, w_out) + loras[1](h)
+  def _unit_macs(self, d_model: int, loras) -> float:
+    """One executed token's MACs: the FFN's (1.5x with the gate, as DenseFFN) and adapters'."""
+    macs = ffn_macs(d_model, self.d_ff) * (1.5 if self.gated else 1)
+    if loras is not None:
+      macs += sum(lora.macs(self.d_ff if name == "wo" else d_model)
+                  for name, lora in loras.items())
+    return float(macs)
+
+  def _unit(self, x, w, loras, pre=None):
+    """The FFN on x [..., d] (with its LoRA adapters: {name: callable}); `pre` = {name: x W}
+    for input projections already computed (the gather path's fused gather-matmul)."""
+    if not (self.gated or self.use_bias or loras or pre):
+      return feed_forward(x, w["wi"], w["wo"], self.activation)  # the dense default, as before
+
+    def project(name):
+      h = pre[name] if pre else jnp.einsum("...d,df->...f", x, w[name])
+      if self.use_bias:
+        h = h + w["b" + name[1:]]
+      return h if loras is None else h + loras[name](x)
+
+    names = self._inputs()
+    h = activation_fn(self.activation)(project(names[0]))
+    if self.gated:
+      h = h * project(names[1])
+    y = jnp.einsum("...f,fd->...d", h, w["wo"])
+    if loras is not None:
+      y = y + loras["wo"](h)
+    return y + w["bo"] if self.use_bias else y
 
   @nn.compact
   def __call__(self, x, routes=None):
@@ -385,58 +438,46 @@ class RoutedFFN(_Routed):
     self._check_routing(x)
     b, t, d_model = x.shape
     k = executed_tokens(self.sparsity, t)
-    w_in = self.param("wi", nn.with_logical_partitioning(self.kernel_init, ("embed", "mlp")),
-                      (d_model, self.d_ff), self.param_dtype).astype(self.dtype)
-    w_out = self.param("wo", nn.with_logical_partitioning(self.kernel_init, ("mlp", "embed")),
-                       (self.d_ff, d_model), self.param_dtype).astype(self.dtype)
+    w = self._weights(d_model)
     forecaster, router = self._parts(d_model)
     predictor, threshold = self._causal_parts(d_model)
     loras = self._loras(d_model)
-    unit_macs = ffn_macs(d_model, self.d_ff)
-    if loras is not None:
-      unit_macs += loras[0].macs(d_model) + loras[1].macs(self.d_ff)
+    unit_macs = self._unit_macs(d_model, loras)
     if self.is_initializing():
       self._causal_logits(x, predictor)
     if self.decision == "causal" and routes is None and not self.is_initializing():
       executed = self._causal_decide(x, predictor, threshold)
-      y = self._causal_ffn(x, w_in, w_out, loras, forecaster, executed)
-      self._sow(executed, float(unit_macs), forecaster, predictor, self.sparsity > 0, d_model)
+      y = self._causal_ffn(x, w, loras, forecaster, executed)
+      self._sow(executed, unit_macs, forecaster, predictor, self.sparsity > 0, d_model)
       return y
     executed, exec_idx, rest_idx, logits = self._decide(x, router, forecaster, k, routes)
     if logits is not None:
       self._causal_losses(x, predictor, threshold, executed)
 
     if self.compute == "masked" or (k == t and routes is None and not self.distill_weight):
-      u = (feed_forward(x, w_in, w_out, self.activation) if loras is None else
-           self._unit(x, w_in, w_out, loras))
+      u = self._unit(x, w, loras)
       f = forecaster(x) if forecaster is not None else None
       self._losses(u, f, logits)
       y = u if (k == t and routes is None) else self._masked_combine(u, f, executed, logits)
     else:
-      y = self._gather(x, w_in, w_out, exec_idx, rest_idx, logits, forecaster, loras)
-    self._sow(executed, float(unit_macs), forecaster, router, logits is not None, d_model)
+      y = self._gather(x, w, exec_idx, rest_idx, logits, forecaster, loras)
+    self._sow(executed, unit_macs, forecaster, router, logits is not None, d_model)
     return y
 
-  def _causal_ffn(self, x, w_in, w_out, loras, forecaster, executed):
+  def _causal_ffn(self, x, w, loras, forecaster, executed):
     """Causal mode: u on the executed tokens, the forecast (or 0) on the others. "gather" runs
     u on a bucket of slots of the flattened tokens (rows do not interact: a slot holds one
     token, and the bucket only sets how many slots run)."""
     b, t, d_model = x.shape
     base = jnp.zeros_like(x) if forecaster is None else forecaster(x).astype(x.dtype)
-    lora_params = None if loras is None else tuple(
-        self.variables["params"][name] for name in ("lora_wi", "lora_wo"))
-
-    def unit(xs):
-      if loras is None:
-        return feed_forward(xs, w_in, w_out, self.activation)
-      pre = jnp.einsum("...d,df->...f", xs, w_in)
-      h = activation_fn(self.activation)(
-          pre + loras[0].clone(parent=None).apply({"params": lora_params[0]}, xs))
-      return (jnp.einsum("...f,fd->...d", h, w_out) +
-              loras[1].clone(parent=None).apply({"params": lora_params[1]}, h))
+    # The adapters as pure functions of their params: they run inside lax.switch branches.
+    adapters = None if loras is None else {
+        name: functools.partial(lora.clone(parent=None).apply,
+                                {"params": self.variables["params"]["lora_" + name]})
+        for name, lora in loras.items()}
 
     if self.compute == "masked":
-      return jnp.where(executed[..., None], unit(x), base)
+      return jnp.where(executed[..., None], self._unit(x, w, adapters), base)
     flat, flat_exec = x.reshape(b * t, d_model), executed.reshape(b * t)
     order = jnp.argsort(~flat_exec, stable=True).astype(jnp.int32)
 
@@ -444,22 +485,23 @@ class RoutedFFN(_Routed):
       if slots == 0:
         return jnp.zeros_like(flat)
       rows = order[:slots]
-      u = unit(jnp.take(flat, rows, axis=0)[None])[0]  # [1, slots, d]: the FFN's layout
+      u = self._unit(jnp.take(flat, rows, axis=0)[None], w, adapters)[0]  # the FFN's layout
       u = jnp.where(jnp.take(flat_exec, rows)[:, None], u, 0).astype(flat.dtype)
       return jnp.zeros_like(flat).at[rows].set(u)
 
     out = bucketed(jnp.sum(flat_exec), b * t, branch).reshape(b, t, d_model)
     return jnp.where(executed[..., None], out, base)
 
-  def _gather(self, x, w_in, w_out, exec_idx, rest_idx, logits, forecaster, loras):
+  def _gather(self, x, w, exec_idx, rest_idx, logits, forecaster, loras):
     b, t, d_model = x.shape
     flat = x.reshape(b * t, d_model)
     out = jnp.zeros_like(flat)
     if exec_idx.shape[1]:
       rows = flat_indices(exec_idx, t)
       xs = jnp.take(flat, rows, axis=0)
-      u = self._unit(xs, w_in, w_out, loras,
-                     pre=pallas_kernels.gather_matmul(flat, rows, w_in, impl=self.impl))
+      pre = {name: pallas_kernels.gather_matmul(flat, rows, w[name], impl=self.impl)
+             for name in self._inputs()}
+      u = self._unit(xs, w, loras, pre=pre)
       if logits is not None:
         u = self._gather_straight(u, logits, exec_idx, forecaster, xs)
       out = pallas_kernels.scatter(u.astype(out.dtype), rows, out, mode="set", impl=self.impl)

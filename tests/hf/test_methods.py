@@ -1,9 +1,10 @@
 """The methods start from imported tiny models: the imported weights land where each method
 reads them, a few training steps give a finite loss, and a SkipDecode fine-tune exports back.
 
-Duo: tests/hf/test_duo_e2e.py. Informed routing is not here: its FFN (layers/routing.py) has no
-gated or biased form yet, and every imported family has one (SwiGLU, or GPT-2/OPT biases), so
-the combination is refused by name (the last test).
+Duo: tests/hf/test_duo_e2e.py; informed routing and MoD (the routed FFN):
+tests/hf/test_routing_e2e.py.
+The routed attention (layers/routing.py RoutedAttention) has no grouped-query / biased / half-rope
+form, so routing the attention of an imported model is refused by name (the last test).
 """
 import json
 import os
@@ -88,12 +89,12 @@ def test_as_vit_fine_tunes_an_imported_vit(tmp_path):
   assert summary["compute_fraction"] <= 1.0
 
 
-@pytest.mark.parametrize("config, option", [("configs/informed_routing_lff.gin", "ffn_gated")])
-def test_adaptive_ffns_refuse_the_gated_ffn_by_name(config, option, tmp_path):
+def test_routed_attention_refuses_the_grouped_query_attention_by_name(tmp_path):
   imported = str(tmp_path / "llama")
   importer.import_lm(fixture("llama"), imported, log=lambda m: None)
-  _parse([config, TINY_GIN, os.path.join(imported, "config.gin")])
+  _parse(["configs/informed_routing.gin", TINY_GIN, os.path.join(imported, "config.gin")],
+         "DecoderConfig.attention_cls = @routed_attention()")
   model = build.build_decoder(0)
-  with pytest.raises(ValueError, match=rf"DecoderConfig.{option}=True is not supported by "
-                                       rf"ffn_cls="):
+  with pytest.raises(ValueError, match=r"DecoderConfig.num_kv_heads=2 is not supported by "
+                                       r"attention_cls=RoutedAttention"):
     model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))

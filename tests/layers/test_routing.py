@@ -416,3 +416,95 @@ def test_threshold_pinball_minimiser_is_the_sparsity_quantile():
   for i in range(3000):
     tau = tau - 0.01 * float(grad(tau))
   assert abs(np.mean(c > tau) - (1 - q)) < 0.01
+
+
+# -- gated (SwiGLU / GeGLU) and biased FFN units: DenseFFN's parameters ----------------------
+
+FORMS = [dict(gated=True), dict(use_bias=True), dict(gated=True, use_bias=True)]
+
+
+def _form_params(module, seed=11):
+  """A RoutedFFN's params with nonzero biases (their init is zero)."""
+  params = _params(module, _x())
+  for i, name in enumerate(n for n in ("bi", "bi_gate", "bo") if n in params):
+    params[name] = 0.1 * jax.random.normal(jax.random.key(seed + i), params[name].shape)
+  return params
+
+
+def _dense_of(params):
+  return {k: v for k, v in params.items() if k[:2] in ("wi", "wo", "bi", "bo")}
+
+
+@pytest.mark.parametrize("form", FORMS, ids=lambda f: "-".join(sorted(f)))
+@pytest.mark.parametrize("mode", ["informed", "greedy"])
+def test_gated_and_biased_units_at_sparsity_zero_are_dense_ffn(form, mode):
+  module = RoutedFFN(d_ff=F, sparsity=0.0, mode=mode, activation="silu", **form)
+  params = _form_params(module)
+  dense = DenseFFN(d_ff=F, activation="silu", **form)
+  dense_shapes = jax.tree.map(jnp.shape, nn.meta.unbox(
+      dense.init(jax.random.key(0), _x())["params"]))
+  assert jax.tree.map(jnp.shape, _dense_of(params)) == dense_shapes  # same names and shapes
+  y, executed, macs, _ = _apply(module, params, _x())
+  want, state = dense.apply({"params": _dense_of(params)}, _x(), mutable=["intermediates"])
+  np.testing.assert_allclose(y, want, rtol=1e-6, atol=1e-6)
+  assert executed.all()
+  np.testing.assert_array_equal(macs, state["intermediates"]["macs"][0])
+  assert macs[0, 0] == ffn_macs(D, F) * (1.5 if form.get("gated") else 1)
+
+
+@pytest.mark.parametrize("form", FORMS, ids=lambda f: "-".join(sorted(f)))
+@pytest.mark.parametrize("mode", ["informed", "greedy"])
+def test_gated_and_biased_units_masked_gather_and_causal_agree_with_dense_ffn(form, mode):
+  """Sparsity 0.5: every path runs DenseFFN on the executed tokens, the forecast (or 0) on
+  the others; masked and gather give the same values, decisions and MACs."""
+  masked = RoutedFFN(d_ff=F, sparsity=0.5, mode=mode, activation="silu", **form)
+  params = _causal_params(masked, _x())
+  for i, name in enumerate(n for n in ("bi", "bi_gate", "bo") if n in params):
+    params[name] = 0.1 * jax.random.normal(jax.random.key(11 + i), params[name].shape)
+  unit = DenseFFN(d_ff=F, activation="silu", **form).apply({"params": _dense_of(params)}, _x())
+  x = np.asarray(_x())
+  other = (x @ params["forecaster"]["down"] @ params["forecaster"]["up"] if mode == "informed"
+           else np.zeros_like(x))
+  for decision in ("topk", "causal"):
+    runs = [_apply(masked.clone(compute=c, decision=decision), params, _x())
+            for c in ("masked", "gather")]
+    (y_m, ex_m, macs_m, _), (y_g, ex_g, macs_g, _) = runs
+    assert 0 < ex_m.sum() < ex_m.size
+    np.testing.assert_allclose(y_m, np.where(ex_m[..., None], unit, other), rtol=1e-5,
+                               atol=1e-5)
+    np.testing.assert_allclose(y_g, y_m, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(ex_g, ex_m)
+    np.testing.assert_array_equal(macs_g, macs_m)
+
+
+def _silu(h):
+  return h / (1 + np.exp(-h))
+
+
+@pytest.mark.parametrize("compute, decision", [("masked", "topk"), ("gather", "topk"),
+                                               ("gather", "causal")])
+def test_lora_on_the_gated_biased_unit_adapts_all_three_matrices(compute, decision):
+  module = RoutedFFN(d_ff=F, sparsity=0.5, compute=compute, lora_rank=4, gated=True,
+                     use_bias=True, activation="silu", decision=decision)
+  params = _form_params(module)
+  params["causal_threshold"] = jnp.asarray(0.1, jnp.float32)
+  assert {"lora_wi", "lora_wi_gate", "lora_wo"} <= set(params)
+  for i, name in enumerate(("lora_wi", "lora_wi_gate", "lora_wo")):
+    b = params[name]["b"]
+    params[name] = {**params[name], "b": 0.1 * jax.random.normal(jax.random.key(20 + i), b.shape)}
+  y, executed, macs, _ = _apply(module, params, _x())
+  x = np.asarray(_x(), np.float64)
+  lora = lambda name, v: v @ params[name]["a"] @ params[name]["b"]
+  gate = x @ params["wi_gate"] + params["bi_gate"] + lora("lora_wi_gate", x)
+  h = _silu(gate) * (x @ params["wi"] + params["bi"] + lora("lora_wi", x))
+  unit = h @ params["wo"] + params["bo"] + lora("lora_wo", h)
+  forecast = x @ params["forecaster"]["down"] @ params["forecaster"]["up"]
+  np.testing.assert_allclose(y, np.where(executed[..., None], unit, forecast), rtol=1e-4,
+                             atol=1e-5)
+  if decision == "causal":
+    np.testing.assert_array_equal(executed, _causal_scores(params, _x()) > 0.1)
+  assert 0 < executed.sum() < executed.size
+  adapters = 2 * 4 * (D + F) + 4 * (F + D)
+  router = D * (D // 4) + (D // 4) * (1 if decision == "causal" else 2)  # predictor / router
+  np.testing.assert_array_equal(
+      macs, np.where(executed, 3 * D * F + adapters, 2 * D * (D // 8)) + router)

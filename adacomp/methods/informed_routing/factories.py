@@ -44,8 +44,8 @@ def routed_ffn(*, sparsity: float = RoutedFFN.sparsity, mode: str = RoutedFFN.mo
                lora_rank: Optional[int] = RoutedFFN.lora_rank,
                impl: Optional[str] = RoutedFFN.impl):
   """`RoutedFFN` with these attributes bound (see layers/routing.py; the defaults are its own);
-  the block supplies d_ff, activation and the dtypes. `lora_rank` adds LoRA adapters to both
-  FFN matrices (the LoRA stage, configs/informed_routing_lora.gin)."""
+  the block supplies d_ff, activation and the dtypes. `lora_rank` adds LoRA adapters to every
+  FFN matrix (the LoRA stage, configs/informed_routing_lora.gin)."""
   return functools.partial(RoutedFFN, lora_rank=lora_rank, **_routing_kwargs(
       sparsity, mode, compute, forecaster_rank, router_hidden, distill_weight,
       recoverability_weight, decision, causal_weight, impl))
