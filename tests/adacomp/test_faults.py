@@ -260,8 +260,10 @@ def test_spike_detector_compares_with_the_running_median():
 # -- 7. data and disk ------------------------------------------------------------------------
 
 def test_corrupt_data_file_names_the_file(corpus, tmp_path):
+  # The corpus prepared in a data_dir of this test's own (the shared one exists only once some
+  # earlier test on this worker has trained on it).
   data_dir = tmp_path / "tfds"
-  shutil.copytree(corpus["data_dir"], data_dir)
+  local_text.local_text_builder(corpus["glob"], str(data_dir)).download_and_prepare()
   train_file = next(data_dir.glob("local_text/*/1.0.0/*train.array_record*"))
   data = bytearray(train_file.read_bytes())
   for i in range(0, len(data), 7):

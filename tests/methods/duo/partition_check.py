@@ -24,7 +24,7 @@ from adacomp.models import build
 from adacomp.models.decoder import DecoderConfig
 
 TINY = """
-DecoderConfig.num_layers = 2
+DecoderConfig.num_layers = 1
 DecoderConfig.d_model = 32
 DecoderConfig.num_heads = 2
 DecoderConfig.head_dim = 16
