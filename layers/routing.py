@@ -68,17 +68,24 @@ Causal routing (MoD's remedy, arXiv 2404.02258 section 3.5, the auxiliary-predic
     execute costs the predictor (and the forecaster) only.
 
 Compute paths (`compute`):
-  * "masked": the unit and the forecaster on every token, outputs selected by the decision.
-    Training: the straight-through term and the recoverability target need u on every token.
-  * "gather": inference with real savings. The k executed tokens of each sequence are gathered
+  * "masked": the unit and the forecaster on every token, outputs selected by the decision:
+    a dense computation (every token pays the unit), the reference the gather path is tested
+    against. The straight-through term and the recoverability target see u on every token.
+  * "gather": training and inference with real savings (what configs/informed_routing.gin and
+    configs/mod.gin train in). The k executed tokens of each sequence are gathered
     (`pallas_kernels.gather_matmul` for the FFN's first matmul; the attention runs on the
     gathered subsequence with its own positions), the unit runs on them only and the result is
     scattered back (`pallas_kernels.scatter`); informed mode forecasts the t - k others
     (gathered with an XLA gather: the forecaster is small), greedy mode leaves them at zero.
     Same values as "masked". The straight-through term is the masked path's, (s - sg(s)) *
     (u - u_hat), on the executed tokens (so the forecast also runs on those, zero in value);
-    it reaches executed tokens only (as in MoD), where the two paths' router gradients agree
-    (tested). The gather path costs a per-sequence argsort besides.
+    it reaches executed tokens only (as in MoD, where the router weight multiplies the executed
+    tokens' output alone), where the two paths' router gradients agree (tested). The
+    recoverability regression and the distillation loss are means over the executed tokens
+    (the others have no u here); the masked path's are over every token (tested: each
+    equals the masked formula restricted to the executed tokens). The unit's parameters get
+    the same gradients in both (the straight-through term is zero in value). The gather path
+    costs a per-sequence argsort besides.
 
 Attention unit: skipped (or forecast) tokens are not keys or values for anybody, as in MoD: an
 executed token attends to the executed tokens at or before its position (itself included).
@@ -279,15 +286,24 @@ class _Routed(nn.Module):
     s = jax.nn.sigmoid(logits[..., IMPORTANCE])
     return straight_through_zero(s)[..., None].astype(dtype)
 
-  def _gather_straight(self, u, logits, exec_idx, forecaster, xs):
-    """The gather path's u + (s - sg(s)) (u - u_hat) on the executed tokens, u [b * k, d] or
-    [b, k, d], xs their inputs: the masked path's term restricted to them."""
-    st = jnp.take_along_axis(self._straight(logits, u.dtype)[..., 0], exec_idx, axis=1)
-    st = st.reshape(u.shape[:-1] + (1,))
-    # u_hat of the executed tokens, so the router sees the gain of executing over forecasting,
-    # as in the masked path (u alone would be greedy's term).
-    f = jnp.zeros_like(u) if forecaster is None else forecaster(xs).astype(u.dtype)
-    return u + st * (u - f)
+  def _gather_train(self, u, xs, logits, exec_idx, forecaster):
+    """The gather path's losses and straight-through on the executed tokens only, u their unit
+    outputs ([b * k, d] or [b, k, d]) and xs their inputs: the forecast u_hat(xs) (when a loss
+    or the straight-through needs it), the distillation and recoverability losses over the
+    executed tokens (the others have no u here), and u + (s - sg(s)) (u - u_hat), the masked
+    path's term restricted to them (u_hat = 0 in greedy mode)."""
+    f = None
+    if forecaster is not None and (logits is not None or self.distill_weight):
+      # u_hat of the executed tokens, so the router sees the gain of executing over
+      # forecasting, as in the masked path (u alone would be greedy's term).
+      f = forecaster(xs).astype(u.dtype)
+    if logits is None:
+      self._losses(u, f, None)
+      return u
+    rows = jnp.take_along_axis(logits, exec_idx[..., None], axis=1)
+    self._losses(u, f, rows.reshape(u.shape[:-1] + logits.shape[-1:]))
+    st = self._straight(rows, u.dtype).reshape(u.shape[:-1] + (1,))
+    return u + st * (u - (jnp.zeros_like(u) if f is None else f))
 
   def _masked_combine(self, u, f, executed, logits):
     """y = where(executed, u, f) + straight-through * (u - f); f is None in greedy mode."""
@@ -501,9 +517,8 @@ class RoutedFFN(_Routed):
       xs = jnp.take(flat, rows, axis=0)
       pre = {name: pallas_kernels.gather_matmul(flat, rows, w[name], impl=self.impl)
              for name in self._inputs()}
-      u = self._unit(xs, w, loras, pre=pre)
-      if logits is not None:
-        u = self._gather_straight(u, logits, exec_idx, forecaster, xs)
+      u = self._gather_train(self._unit(xs, w, loras, pre=pre), xs, logits, exec_idx,
+                             forecaster)
       out = pallas_kernels.scatter(u.astype(out.dtype), rows, out, mode="set", impl=self.impl)
     out = self._forecast_rest(flat, rest_idx, t, forecaster, out)
     return out.reshape(b, t, d_model)
@@ -697,9 +712,8 @@ class RoutedAttention(_Routed):
     if exec_idx.shape[1]:
       xs = jnp.take_along_axis(x, exec_idx[..., None], axis=1)
       ps = jnp.take_along_axis(positions, exec_idx, axis=1)
-      u = self._attend(xs, ps, weights, causal_mask(ps, ps))
-      if logits is not None:
-        u = self._gather_straight(u, logits, exec_idx, forecaster, xs)
+      u = self._gather_train(self._attend(xs, ps, weights, causal_mask(ps, ps)), xs, logits,
+                             exec_idx, forecaster)
       out = pallas_kernels.scatter(u.reshape(-1, d_model).astype(out.dtype),
                                    flat_indices(exec_idx, t), out, mode="set", impl=self.impl)
     out = self._forecast_rest(flat, rest_idx, t, forecaster, out)

@@ -18,7 +18,10 @@ Columns:
   t/dense   time over the dense model's at the same width (same mode);
   MACs      the sown MACs per token over dense's: the ideal t/dense;
   ratio     (t/dense) / MACs: 1.00 means the time follows the arithmetic, the issue's bar is 1.15;
-  XLA       XLA's compiled FLOPs over dense's (cost_analysis): what the program really executes;
+  XLA       XLA's compiled FLOPs over dense's (cost_analysis of the same step with the layers
+            unrolled: XLA counts a scanned loop's body once): what the program executes;
+  t/XLA     (t/dense) / XLA: how the time follows the executed FLOPs (a stage that freezes
+            parameters skips their weight gradients, so its XLA is below its MACs);
   GFLOP/s   useful FLOPs (2 x MACs per token x tokens, x3 for a training step) per second;
   %peak     GFLOP/s over this machine's jitted float32 matmul peak, measured first.
 
@@ -55,6 +58,8 @@ METHODS = {
     # Its inference saving is in generation (a teacher-forced pass under the layer mask is a
     # masked dense computation): scripts/bench_generate.py / bench_skipdecode.py.
     "skipdecode 2x": (["configs/skipdecode.gin"], [], None),
+    # Parameter tokens at the paper's research-width sizing (set per width in `measure`):
+    # n = d_model for the q/k/v/out projections, 4 d_model for the FFN.
     "tokenformer": (["configs/tokenformer.gin"], [], []),
 }
 SHORT = {"dense": "dense", "duo": "duo random 0.2/0.3/0.5 (stage 1)",
@@ -114,13 +119,75 @@ def build(files, bindings):
   return model, mask, training.make_optimizer(100)
 
 
+def method_sizes(name, d_model, a):
+  sizes = size_bindings(d_model, a.num_layers, a.seq_len)
+  if name == "tokenformer":
+    sizes += [f"tokenformer_attention.n_qkv = {d_model}",
+              f"tokenformer_attention.n_out = {d_model}", f"tokenformer_ffn.n_ffn = {4 * d_model}"]
+  return sizes
+
+
+def _train_step(model, mask, tx, params):
+  """train.py's jitted step; a stage that freezes parameters (make_optimizer.trainable)
+  computes no gradient for them, as there."""
+  import gin  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from adacomp import training  # pylint: disable=g-import-not-at-top
+  try:
+    trainable = gin.query_parameter("make_optimizer.trainable")
+  except ValueError:  # not bound: everything trains
+    trainable = None
+  grad_mask = training.trainable_mask(trainable, params)
+  return jax.jit(training.make_train_step(model, tx, 0, layer_mask=mask, grad_mask=grad_mask))
+
+
+def _forward(model, mask):
+  """The evaluation forward pass: logits and the mean sown MACs per token."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from adacomp import scoring  # pylint: disable=g-import-not-at-top
+
+  def forward(params, ids):
+    logits, mut = model.apply({"params": params}, ids, layer_mask=mask,
+                              mutable=["intermediates"])
+    return logits, jnp.mean(scoring.macs_per_token(mut["intermediates"], ids.shape, mask))
+
+  return jax.jit(forward)
+
+
+def _init(model, ids, tx=None, abstract=False):
+  """Fresh params (and a train state when tx is given); shapes only when `abstract`."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax.core import meta  # pylint: disable=g-import-not-at-top
+  from adacomp import training  # pylint: disable=g-import-not-at-top
+
+  def init():
+    params = meta.unbox(model.init(jax.random.key(0), ids[:1])["params"])
+    if tx is None:
+      return params
+    return training.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                               opt_state=tx.init(params))
+
+  return jax.eval_shape(init) if abstract else init()
+
+
+def unrolled_flops(files, bindings, mode, ids, batch):
+  """XLA's compiled FLOPs of the step with the layers unrolled (XLA's cost analysis counts a
+  scanned loop's body once), lowered from shapes alone."""
+  model, mask, tx = build(files, bindings + ["DecoderConfig.scan_layers = False"])
+  if mode == "train":
+    state = _init(model, ids, tx, abstract=True)
+    return compiled_flops(_train_step(model, mask, tx, state.params), (state, batch))
+  return compiled_flops(_forward(model, mask), (_init(model, ids, abstract=True), ids))
+
+
 def measure(name, d_model, a):
   """{'train': (ms, xla flops), 'infer': (ms, xla flops, macs/token)} for one method."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from adacomp import scoring, training  # pylint: disable=g-import-not-at-top
   files, train_b, infer_b = METHODS[name]
-  sizes = size_bindings(d_model, a.num_layers, a.seq_len)
+  sizes = method_sizes(name, d_model, a)
   ids = jax.random.randint(jax.random.key(1), (a.batch, a.seq_len), 0, VOCAB, jnp.int32)
   batch = {"inputs": ids, "targets": jnp.roll(ids, -1, axis=1),
            "weights": jnp.ones(ids.shape, jnp.float32),
@@ -128,26 +195,74 @@ def measure(name, d_model, a):
   out = {}
   if "train" in a.modes:
     model, mask, tx = build(files, sizes + train_b)
-    params = model.init(jax.random.key(0), ids[:1])["params"]
-    state = training.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                opt_state=tx.init(params))
-    step = jax.jit(training.make_train_step(model, tx, 0, layer_mask=mask))
-    out["train"] = (timed(step, (state, batch), a.repeats), compiled_flops(step, (state, batch)))
-    del state, params
+    state = _init(model, ids, tx)
+    step = _train_step(model, mask, tx, state.params)
+    ms = timed(step, (state, batch), a.repeats)
+    del state
+    out["train"] = (ms, unrolled_flops(files, sizes + train_b, "train", ids, batch))
   if "infer" in a.modes and infer_b is not None:
     model, mask, _ = build(files, sizes + train_b + infer_b)
-    params = model.init(jax.random.key(0), ids[:1])["params"]
-
-    def forward(params, ids):
-      logits, mut = model.apply({"params": params}, ids, layer_mask=mask,
-                                mutable=["intermediates"])
-      return logits, jnp.mean(scoring.macs_per_token(mut["intermediates"], ids.shape, mask))
-
-    fwd = jax.jit(forward)
+    params = _init(model, ids)
+    fwd = _forward(model, mask)
     macs = float(fwd(params, ids)[1])
-    out["infer"] = (timed(fwd, (params, ids), a.repeats), compiled_flops(fwd, (params, ids)),
+    ms = timed(fwd, (params, ids), a.repeats)
+    out["infer"] = (ms, unrolled_flops(files, sizes + train_b + infer_b, "infer", ids, batch),
                     macs)
   return out
+
+
+def measure_unit(name, d_model, a):
+  """The inference FFN alone (the method's `ffn_cls` in its inference compute) on normed random
+  activations [batch, seq_len, d_model]: (ms, sown MACs per token). The profile of where a
+  whole-model ratio goes: the unit's own ratio, and the time of what routing does not touch
+  (attention, norms, LM head = the dense model's time less num_layers dense units)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax.core import meta  # pylint: disable=g-import-not-at-top
+  files, train_b, infer_b = METHODS[name]
+  model, _, _ = build(files, method_sizes(name, d_model, a) + train_b + infer_b)
+  cfg = model.config
+  ffn = cfg.ffn_cls(d_ff=cfg.d_ff, activation=cfg.activation)
+  x = jax.random.normal(jax.random.key(2), (a.batch, a.seq_len, d_model), jnp.float32)
+  kw = {"layer": jnp.int32(0)} if getattr(ffn, "takes_layer", False) else {}
+  rngs = {"params": jax.random.key(0), "routing": jax.random.key(1)}
+  params = meta.unbox(ffn.init(rngs, x, **kw)["params"])
+
+  def forward(params, x):
+    y, mut = ffn.apply({"params": params}, x, **kw, rngs={"routing": jax.random.key(1)},
+                       mutable=["intermediates"])
+    macs = mut["intermediates"].get("macs")
+    return y, (jnp.mean(macs[0]) if macs else jnp.float32(2 * d_model * cfg.d_ff))
+
+  fwd = jax.jit(forward)
+  return timed(fwd, (params, x), a.repeats), float(fwd(params, x)[1])
+
+
+def breakdown(names, d_model, a, whole):
+  """Rows of the unit profile (see measure_unit) for the methods whose FFN routes."""
+  from layers.mlp import DenseFFN  # pylint: disable=g-import-not-at-top
+  dense_ms, dense_macs = measure_unit("dense", d_model, a)
+  rest_ms = whole["dense"]["infer"][0] - a.num_layers * dense_ms
+  rows = []
+  for name in names:
+    files = METHODS[name][0]
+    if name == "dense" or METHODS[name][2] is None or whole.get(name, {}).get("infer") is None:
+      continue
+    model, _, _ = build(files, method_sizes(name, d_model, a) + METHODS[name][1])
+    if model.config.ffn_cls is DenseFFN:
+      continue
+    ms, macs = measure_unit(name, d_model, a)
+    t_unit, m_unit = ms / dense_ms, macs / dense_macs
+    # What the model's time would be if only the FFNs changed, each at its own measured time:
+    # the ideal the whole-model t/dense can reach with the rest (attention, norms, head) as is.
+    model_ms = whole[name]["infer"][0]
+    rows.append({"d_model": d_model, "method": name, "unit_ms": ms, "unit_t_rel": t_unit,
+                 "unit_macs_rel": m_unit, "unit_ratio": t_unit / m_unit,
+                 "dense_unit_ms": dense_ms, "rest_ms": rest_ms,
+                 "rest_share": rest_ms / whole["dense"]["infer"][0],
+                 "model_ms": model_ms,
+                 "model_vs_units": model_ms / (rest_ms + a.num_layers * ms)})
+  return rows
 
 
 def _mask_macs(name, d_model, a):
@@ -157,7 +272,7 @@ def _mask_macs(name, d_model, a):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from adacomp import scoring  # pylint: disable=g-import-not-at-top
   files, train_b, _ = METHODS[name]
-  model, mask, _ = build(files, size_bindings(d_model, a.num_layers, a.seq_len) + train_b)
+  model, mask, _ = build(files, method_sizes(name, d_model, a) + train_b)
   ids = jnp.zeros((1, a.seq_len), jnp.int32)
   params = jax.eval_shape(lambda: model.init(jax.random.key(0), ids)["params"])
   params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), params)
@@ -176,6 +291,9 @@ def main(argv=None):
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--modes", default="train,infer")
   p.add_argument("--quick", action="store_true", help="d_model 128, 2 layers, 64 tokens")
+  p.add_argument("--breakdown", action="store_true",
+                 help="also profile the inference FFN alone vs the dense FFN, and the share "
+                      "of the dense forward that routing does not touch")
   p.add_argument("--output", default=None, help="JSON rows")
   a = p.parse_args(argv)
   if a.quick:
@@ -199,7 +317,7 @@ def main(argv=None):
   print(f"device {device.device_kind} ({device.platform}), jax {jax.__version__}, float32; "
         f"matmul peak {peak:.1f} GFLOP/s; {a.num_layers} layers, batch {a.batch} x "
         f"{a.seq_len} tokens, median of {a.repeats}", flush=True)
-  rows = []
+  rows, units = [], []
   for d in [int(x) for x in a.d_models.split(",")]:
     results = {}
     for name in names:
@@ -212,6 +330,8 @@ def main(argv=None):
     if "dense" not in results:
       raise SystemExit(f"ERROR: the dense reference failed at d_model {d}; see above.")
     dense = results["dense"]
+    if a.breakdown and "infer" in dense:
+      units += breakdown(names, d, a, results)
     dense_macs = dense["infer"][2] if "infer" in dense else None
     for name, res in results.items():
       # MACs per token of the inference model; SkipDecode's from its layer mask, as trained.
@@ -229,15 +349,28 @@ def main(argv=None):
         rows.append({"d_model": d, "method": name, "mode": mode, "ms": ms, "t_rel": t_rel,
                      "macs_rel": macs, "ratio": t_rel / macs, "xla_rel": flops / dense[mode][1],
                      "gflops": gflops, "peak_frac": gflops / peak})
-  print("\n| d_model | method | mode | ms | t/dense | MACs | ratio | XLA | GFLOP/s | %peak |")
-  print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|")
+  print("\n| d_model | method | mode | ms | t/dense | MACs | ratio | XLA | t/XLA | GFLOP/s "
+        "| %peak |")
+  print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
   for r in rows:
     print(f"| {r['d_model']} | {r['method']} | {r['mode']} | {r['ms']:.1f} | {r['t_rel']:.3f} | "
-          f"{r['macs_rel']:.3f} | {r['ratio']:.2f} | {r['xla_rel']:.3f} | {r['gflops']:.1f} | "
+          f"{r['macs_rel']:.3f} | {r['ratio']:.2f} | {r['xla_rel']:.3f} | "
+          f"{r['t_rel'] / r['xla_rel']:.2f} | {r['gflops']:.1f} | "
           f"{100 * r['peak_frac']:.0f}% |")
+  if units:
+    print("\nInference FFN alone (unit) vs the dense FFN; rest = the dense forward less its "
+          "FFNs (attention, norms, head), unchanged by routing; model / (rest + units) = how "
+          "the whole model's time follows its parts:\n")
+    print("| d_model | method | unit ms | dense unit ms | unit t/dense | unit MACs | unit ratio "
+          "| rest share of dense | model / (rest + units) |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in units:
+      print(f"| {r['d_model']} | {r['method']} | {r['unit_ms']:.2f} | {r['dense_unit_ms']:.2f} "
+            f"| {r['unit_t_rel']:.3f} | {r['unit_macs_rel']:.3f} | {r['unit_ratio']:.2f} | "
+            f"{r['rest_share']:.2f} | {r['model_vs_units']:.2f} |")
   if a.output:
     with open(a.output, "w") as f:
-      json.dump({"peak_gflops": peak, "rows": rows}, f, indent=2)
+      json.dump({"peak_gflops": peak, "rows": rows, "units": units}, f, indent=2)
 
 
 if __name__ == "__main__":

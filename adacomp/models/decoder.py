@@ -15,7 +15,9 @@ from typing import Any, Optional
 
 import flax.linen as nn
 import gin
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from layers.attention import MultiHeadAttention
 from layers.block import DecoderBlock
@@ -69,9 +71,30 @@ class DecoderConfig:
   mlp_bias: bool = False
   positions: str = "rope"  # or "learned": an absolute position table, no RoPE (GPT-2, OPT)
   position_offset: int = 0  # rows of the learned table before position 0 (OPT: 2)
+  # How a training step runs a layer mask (SkipDecode): 'masked' runs every layer on every
+  # position and keeps the active outputs; 'prefix' runs layer l on the positions it is active
+  # at only, when those are a prefix [0, p_l) (SkipDecode's non-increasing schedules): the
+  # same values and gradients, p_l / t of the layer's compute (see `prefix_lengths`).
+  layer_mask_compute: str = "masked"
 
 
 POSITIONS = ("rope", "learned")
+LAYER_MASK_COMPUTES = ("masked", "prefix")
+
+
+def prefix_lengths(layer_mask) -> Optional[tuple]:
+  """Per-layer p_l when `layer_mask` is a static bool [num_layers, t] whose layer l is active
+  exactly at positions [0, p_l); None otherwise (traced, per-example, or not prefixes).
+
+  SkipDecode's masks are such: positions' active-layer counts never increase, so a layer that
+  runs at position t runs at every earlier one. Attention is causal, so the layer's outputs
+  on the prefix need nothing beyond it: running the layer on x[:, :p_l] is exact."""
+  if not isinstance(layer_mask, np.ndarray) or layer_mask.ndim != 2:
+    return None
+  lengths = layer_mask.sum(axis=1)
+  if not all(layer_mask[i, :n].all() for i, n in enumerate(lengths)):
+    return None
+  return tuple(int(n) for n in lengths)
 
 
 def final_norm_kind(cfg: DecoderConfig) -> str:
@@ -132,7 +155,15 @@ class DecoderLM(nn.Module):
 
     block_kw = block_kwargs(cfg, self.decode)
     block_cls = nn.remat(DecoderBlock) if cfg.remat else DecoderBlock
-    if cfg.scan_layers:
+    if cfg.layer_mask_compute not in LAYER_MASK_COMPUTES:
+      raise ValueError(f"DecoderConfig.layer_mask_compute={cfg.layer_mask_compute!r}; use one "
+                       f"of {LAYER_MASK_COMPUTES}.")
+    lengths = prefix_lengths(layer_mask) if cfg.layer_mask_compute == "prefix" else None
+    if (lengths is not None and not self.decode and not self.is_initializing()
+        and not self.is_mutable_collection("intermediates")):
+      # A training step (no intermediates collected): each layer on its active prefix only.
+      x = self._prefix_layers(block_cls, block_kw, x, positions, lengths, routes)
+    elif cfg.scan_layers:
       # The layer index is scanned too: blocks are otherwise identical, and an FFN that seeds
       # its own random routes (DuoFFN at evaluation) must not give every layer the same ones.
       x, _ = nn.scan(
@@ -162,3 +193,25 @@ class DecoderLM(nn.Module):
       logits = jnp.einsum("btd,dv->btv", x, w.astype(dtype), preferred_element_type=jnp.float32)
     self.sow("intermediates", "macs", jnp.full((b, t), cfg.d_model * cfg.vocab_size, jnp.float32))
     return nn.with_logical_constraint(logits, ("act_batch", "act_length", "act_vocab"))
+
+  def _prefix_layers(self, block_cls, block_kw, x, positions, lengths, routes):
+    """Layer i applied to x[:, :lengths[i]] with its own parameters (sliced from the scanned
+    stack, or block_i's), the rest of x passed through; its sown losses re-sown here. Random
+    streams are per layer (fold_in of the layer index), drawn over the prefix's shape."""
+    cfg = self.config
+    block = block_cls(parent=None, **block_kw)
+    params = self.variables["params"]
+    for i, n in enumerate(lengths):
+      if n == 0:
+        continue
+      p = (jax.tree.map(lambda w, i=i: w[i], params["blocks"]) if cfg.scan_layers
+           else params[f"block_{i}"])
+      rngs = {name: jax.random.fold_in(self.make_rng(name), i)
+              for name in ("dropout", "routing") if self.has_rng(name)}
+      route = None if routes is None else routes[i][:, :n]
+      y, mut = block.apply({"params": p}, x[:, :n], positions[:, :n], None, route,
+                           jnp.int32(i), rngs=rngs, mutable=["losses"])
+      for j, leaf in enumerate(jax.tree.leaves(mut.get("losses", {}))):
+        self.sow("losses", f"layer_{i}_{j}", jnp.sum(leaf))
+      x = jnp.concatenate([y, x[:, n:]], axis=1) if n < x.shape[1] else y
+    return nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))

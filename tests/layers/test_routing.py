@@ -177,21 +177,43 @@ def test_straight_through_gradient_reaches_the_router_only_through_its_importanc
   assert np.all(kernel[:, 1] == 0)  # error head: from its regression loss only
 
 
-def test_losses_distillation_and_recoverability_are_sown():
-  module = RoutedFFN(d_ff=F, sparsity=0.5, mode="informed", distill_weight=2.0)
+@pytest.mark.parametrize("compute", ["masked", "gather"])
+def test_losses_distillation_and_recoverability_are_sown(compute):
+  """Masked: means over every token; gather (training with real savings): over the executed
+  tokens, the only ones with u there."""
+  module = RoutedFFN(d_ff=F, sparsity=0.5, mode="informed", distill_weight=2.0, compute=compute)
   params = _params(module, _x())
-  _, _, _, losses = _apply(module, params, _x())
+  _, executed, _, losses = _apply(module, params, _x())
+  over = (np.ones((B, T), bool) if compute == "masked" else np.asarray(executed, bool))
   unit = DenseFFN(d_ff=F).apply({"params": {"wi": params["wi"], "wo": params["wo"]}}, _x())
   forecast = np.asarray(_x()) @ params["forecaster"]["down"] @ params["forecaster"]["up"]
-  np.testing.assert_allclose(losses["forecast_distill"][0],
-                             2.0 * np.mean((np.asarray(unit) - forecast) ** 2), rtol=1e-5)
+  sq = np.mean((np.asarray(unit) - forecast) ** 2, axis=-1)  # [b, t]
+  np.testing.assert_allclose(losses["forecast_distill"][0], 2.0 * np.mean(sq[over]), rtol=1e-5)
   # w_r * mean (e - log(mean_features (u - u_hat)^2 + 1e-6))^2, e the router's second output.
   r = params["router"]
   h = np.maximum(np.asarray(_x()) @ r["hidden"]["kernel"] + r["hidden"]["bias"], 0.0)
   e = (h @ r["logits"]["kernel"] + r["logits"]["bias"])[..., 1]
-  target = np.log(np.mean((np.asarray(unit) - forecast) ** 2, axis=-1) + 1e-6)
+  target = np.log(sq + 1e-6)
   np.testing.assert_allclose(losses["routing_recoverability"][0],
-                             np.mean((e - target) ** 2), rtol=1e-4)
+                             np.mean(((e - target) ** 2)[over]), rtol=1e-4)
+
+
+def test_gather_training_step_gives_the_masked_unit_gradients_and_router_values():
+  """MoD trains the whole model: in gather compute the unit's parameters get the masked
+  path's gradients (the straight-through term is zero in value) for a loss over every token."""
+  module = RoutedFFN(d_ff=F, sparsity=0.5, mode="greedy", compute="masked")
+  params = _params(module, _x())
+  weight = jax.random.normal(jax.random.key(3), (B, T, D))
+
+  def loss(p, m):
+    return jnp.sum(jnp.sin(m.apply({"params": p}, _x())) * weight)
+
+  masked = jax.grad(lambda p: loss(p, module))(params)
+  gather = jax.grad(lambda p: loss(p, module.clone(compute="gather")))(params)
+  for name in ("wi", "wo"):
+    np.testing.assert_allclose(gather[name], masked[name], rtol=1e-5,
+                               atol=1e-5 * float(np.abs(masked[name]).max()))
+  assert float(np.abs(masked["wi"]).max()) > 0
 
 
 @pytest.mark.parametrize("mode", ["informed", "greedy"])
