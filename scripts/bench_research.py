@@ -265,6 +265,54 @@ def breakdown(names, d_model, a, whole):
   return rows
 
 
+# AS-ViT at a research width: a ViT on 224 x 224 images in 16 x 16 patches (196 tokens + the
+# class token), pruning after a quarter, half and three quarters of the blocks, inference in
+# static packed capacities (the fraction of image tokens kept after each stage). Training is
+# the method's soft-mask computation over every token (the thresholds learn from every token's
+# mask): it is not a routed path, so only inference is timed.
+VIT_BUDGETS = {"as_vit keep 0.7/0.5/0.3": (0.7, 0.5, 0.3),
+               "as_vit keep 0.5/0.3/0.15": (0.5, 0.3, 0.15)}
+
+
+def _vit_macs(cfg, capacity):
+  """MACs per image: patch embedding, blocks on 1 + the kept tokens, head (dense_macs_per_image's
+  terms, with each stage's kept count; the pruners' scores are elementwise)."""
+  from adacomp.models import vit  # pylint: disable=g-import-not-at-top
+  n = cfg.num_patches
+  macs = n * cfg.patch_size ** 2 * cfg.channels * cfg.d_model + cfg.d_model * cfg.num_classes
+  tokens = n + 1
+  for i in range(cfg.num_layers):
+    macs += vit.block_macs(cfg, tokens)
+    if capacity and i + 1 in cfg.prune_after:
+      tokens = 1 + capacity[list(cfg.prune_after).index(i + 1)]
+  return float(macs)
+
+
+def measure_vit(d_model, a):
+  """{name: (ms, xla flops, macs per image)} for the dense ViT and each AS-ViT budget."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from adacomp.models import vit  # pylint: disable=g-import-not-at-top
+  layers = max(4, a.num_layers)
+  q = layers // 4
+  cfg = vit.ViTConfig(image_size=224, patch_size=16, channels=3, num_classes=1000,
+                      num_layers=layers, d_model=d_model, num_heads=max(1, d_model // 64),
+                      head_dim=64, d_ff=4 * d_model, prune_after=(q, 2 * q, 3 * q),
+                      threshold_init=(0.003, 0.006, 0.009))
+  images = max(1, a.batch * a.seq_len // (cfg.num_patches + 1))
+  x = jax.random.normal(jax.random.key(3), (images, 224, 224, 3), jnp.float32)
+  out = {}
+  for name, keep in [("vit dense", None)] + list(VIT_BUDGETS.items()):
+    model = vit.ViT(cfg if keep else dataclasses.replace(cfg, prune_after=(), threshold_init=()))
+    params = model.init(jax.random.key(0), x[:1])["params"]
+    capacity = None if keep is None else tuple(int(f * cfg.num_patches) for f in keep)
+    fn = jax.jit(lambda p, x, m=model, c=capacity: m.apply({"params": p}, x, capacity=c))
+    out[name] = (timed(fn, (params, x), a.repeats), compiled_flops(fn, (params, x)),
+                 _vit_macs(cfg, capacity), images)
+  return out
+
+
 def _mask_macs(name, d_model, a):
   """MACs per token of a method measured only in training (SkipDecode): its forward under the
   training layer mask, where the sown MACs count only the layers each position runs."""
@@ -291,6 +339,8 @@ def main(argv=None):
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--modes", default="train,infer")
   p.add_argument("--quick", action="store_true", help="d_model 128, 2 layers, 64 tokens")
+  p.add_argument("--vit", default=True, action=argparse.BooleanOptionalAction,
+                 help="AS-ViT rows: ViT on 224 x 224 images, static packed capacities")
   p.add_argument("--breakdown", action="store_true",
                  help="also profile the inference FFN alone vs the dense FFN, and the share "
                       "of the dense forward that routing does not touch")
@@ -349,6 +399,16 @@ def main(argv=None):
         rows.append({"d_model": d, "method": name, "mode": mode, "ms": ms, "t_rel": t_rel,
                      "macs_rel": macs, "ratio": t_rel / macs, "xla_rel": flops / dense[mode][1],
                      "gflops": gflops, "peak_frac": gflops / peak})
+    if a.vit and "infer" in a.modes:
+      print(f"d_model {d}: ViT / AS-ViT", file=sys.stderr, flush=True)
+      vits = measure_vit(d, a)
+      ref = vits["vit dense"]
+      for name, (ms, flops, macs, images) in vits.items():
+        t_rel, m_rel = ms / ref[0], macs / ref[2]
+        gflops = 2 * macs * images / (ms / 1000) / 1e9
+        rows.append({"d_model": d, "method": f"{name} ({images} images)", "mode": "infer",
+                     "ms": ms, "t_rel": t_rel, "macs_rel": m_rel, "ratio": t_rel / m_rel,
+                     "xla_rel": flops / ref[1], "gflops": gflops, "peak_frac": gflops / peak})
   print("\n| d_model | method | mode | ms | t/dense | MACs | ratio | XLA | t/XLA | GFLOP/s "
         "| %peak |")
   print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
