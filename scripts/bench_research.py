@@ -11,7 +11,10 @@ dense decoder of the same shape:
 
   train    one optimizer step of the config's training stage (its own `compute`);
   infer    one evaluation forward pass (logits and sown MACs) in the inference compute
-           (`gather` for routed units and Duo, the SkipDecode layer mask, token pruning).
+           (`gather` for routed units and Duo, token pruning for AS-ViT). Routed units (informed,
+           MoD) twice: with their teacher-forced top-k ("not causal": no generating model can
+           route so) and with causal decisions ("infer causal", what eval.py and generation
+           run), the fresh predictors' thresholds bisected to execute 1 - sparsity.
 
 Columns:
   ms        median wall time (--repeats calls after 2 warm-up calls);
@@ -172,6 +175,35 @@ def _init(model, ids, tx=None, abstract=False):
   return jax.eval_shape(init) if abstract else init()
 
 
+def calibrate_causal(model, params, ids, sparsity, iterations=24):
+  """Fresh causal predictors with thresholds set so each routed FFN executes 1 - sparsity of
+  the tokens (a trained model's pinball-fitted thresholds do that): a joint bisection of every
+  layer's `causal_threshold` on the fraction it executes in the causal pass. Returns params and
+  the executed fraction per layer."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  @jax.jit
+  def executed(params):
+    _, mut = model.apply({"params": params}, ids, mutable=["intermediates"])
+    return jnp.mean(mut["intermediates"]["blocks"]["ffn"]["executed"][0], axis=(1, 2))
+
+  def with_threshold(tau):
+    ffn = dict(params["blocks"]["ffn"], causal_threshold=jnp.asarray(tau, jnp.float32))
+    return dict(params, blocks=dict(params["blocks"], ffn=ffn))
+
+  layers = params["blocks"]["ffn"]["causal_threshold"].shape[0]
+  lo, hi = np.full(layers, -20.0), np.full(layers, 20.0)
+  for _ in range(iterations):
+    mid = (lo + hi) / 2
+    frac = np.asarray(executed(with_threshold(mid)))
+    too_many = frac > 1 - sparsity
+    lo, hi = np.where(too_many, mid, lo), np.where(too_many, hi, mid)
+  tau = (lo + hi) / 2
+  return with_threshold(tau), np.asarray(executed(with_threshold(tau)))
+
+
 def unrolled_flops(files, bindings, mode, ids, batch):
   """XLA's compiled FLOPs of the step with the layers unrolled (XLA's cost analysis counts a
   scanned loop's body once), lowered from shapes alone."""
@@ -208,6 +240,18 @@ def measure(name, d_model, a):
     ms = timed(fwd, (params, ids), a.repeats)
     out["infer"] = (ms, unrolled_flops(files, sizes + train_b + infer_b, "infer", ids, batch),
                     macs)
+    if any(b.startswith("routed_ffn.compute") for b in infer_b):
+      # What generation and eval.py run: causal decisions (gather compute: the executed
+      # tokens in a power-of-two bucket of slots), thresholds calibrated to the sparsity.
+      causal_b = sizes + train_b + infer_b + ["routed_ffn.decision = 'causal'"]
+      model, mask, _ = build(files, causal_b)
+      sparsity = model.config.ffn_cls.keywords["sparsity"]  # the bound routed_ffn
+      params, frac = calibrate_causal(model, _init(model, ids), ids, sparsity)
+      fwd = _forward(model, mask)
+      macs = float(fwd(params, ids)[1])
+      ms = timed(fwd, (params, ids), a.repeats)
+      out["infer causal"] = (ms, unrolled_flops(files, causal_b, "infer", ids, batch), macs,
+                             float(np.mean(frac)))
   return out
 
 
@@ -328,6 +372,10 @@ def _mask_macs(name, d_model, a):
   return float(jnp.mean(scoring.macs_per_token(mut["intermediates"], ids.shape, mask)))
 
 
+def _num(x, digits):
+  return "-" if x != x else f"{x:.{digits}f}"  # NaN: not measured
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--methods", default=",".join(SHORT),
@@ -387,18 +435,27 @@ def main(argv=None):
       # MACs per token of the inference model; SkipDecode's from its layer mask, as trained.
       own = res["infer"][2] if "infer" in res else _mask_macs(name, d, a)
       macs = own / dense_macs if dense_macs else float("nan")
-      for mode in a.modes:
-        if mode not in res or mode not in dense:
+      for mode in list(a.modes) + ["infer causal"]:
+        ref = "infer" if mode == "infer causal" else mode
+        if mode not in res or ref not in dense:
           continue
         ms, flops = res[mode][0], res[mode][1]
-        t_rel = ms / dense[mode][0]
+        mode_macs = res[mode][2] if mode == "infer causal" else own
+        t_rel = ms / dense[ref][0]
         tokens = a.batch * a.seq_len
-        useful = 2 * own * tokens * (
-            3 if mode == "train" else 1)
+        useful = 2 * mode_macs * tokens * (3 if mode == "train" else 1)
         gflops = useful / (ms / 1000) / 1e9
-        rows.append({"d_model": d, "method": name, "mode": mode, "ms": ms, "t_rel": t_rel,
-                     "macs_rel": macs, "ratio": t_rel / macs, "xla_rel": flops / dense[mode][1],
-                     "gflops": gflops, "peak_frac": gflops / peak})
+        shown = mode
+        if mode == "infer" and "infer causal" in res:
+          shown = "infer top-k (not causal)"
+        elif mode == "infer causal":
+          shown = f"infer causal ({res[mode][3]:.2f} executed)"
+        rows.append({"d_model": d, "method": name, "mode": shown, "ms": ms, "t_rel": t_rel,
+                     "macs_rel": mode_macs / dense_macs, "ratio": t_rel / (mode_macs / dense_macs),
+                     # XLA's count covers every lax.switch bucket of the causal path: not shown.
+                     "xla_rel": (float("nan") if mode == "infer causal"
+                                 else flops / dense[ref][1]), "gflops": gflops,
+                     "peak_frac": gflops / peak})
     if a.vit and "infer" in a.modes:
       print(f"d_model {d}: ViT / AS-ViT", file=sys.stderr, flush=True)
       vits = measure_vit(d, a)
@@ -414,8 +471,8 @@ def main(argv=None):
   print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
   for r in rows:
     print(f"| {r['d_model']} | {r['method']} | {r['mode']} | {r['ms']:.1f} | {r['t_rel']:.3f} | "
-          f"{r['macs_rel']:.3f} | {r['ratio']:.2f} | {r['xla_rel']:.3f} | "
-          f"{r['t_rel'] / r['xla_rel']:.2f} | {r['gflops']:.1f} | "
+          f"{r['macs_rel']:.3f} | {r['ratio']:.2f} | {_num(r['xla_rel'], 3)} | "
+          f"{_num(r['t_rel'] / r['xla_rel'], 2)} | {r['gflops']:.1f} | "
           f"{100 * r['peak_frac']:.0f}% |")
   if units:
     print("\nInference FFN alone (unit) vs the dense FFN; rest = the dense forward less its "
