@@ -61,8 +61,9 @@ Causal routing (MoD's remedy, arXiv 2404.02258 section 3.5, the auxiliary-predic
     no capacity, the executed count is data (sparsity 0 still executes every token, exactly
     dense). Rows never interact.
   * Compute in "causal" mode: "masked" runs the unit on every token (values), "gather" gathers
-    the executed tokens into a static number of slots chosen at run time from power-of-two
-    buckets (`lax.switch`: slots = the smallest bucket >= the executed count, of the flattened
+    the executed tokens into a static number of slots chosen at run time from buckets
+    (`bucket_sizes`: powers of two, then steps of ~n / 16; `lax.switch`: slots = the smallest
+    bucket >= the executed count, of the flattened
     b * t tokens for the FFN, of the longest row for the attention) and runs the unit on those
     only; at a decoding step (t = 1, batch 1) that is a `lax.cond`: a token that does not
     execute costs the predictor (and the forecaster) only.
@@ -139,18 +140,25 @@ DECISIONS = ("topk", "causal")
 IMPORTANCE, ERROR = 0, 1
 
 
+BUCKET_STEPS = 16
+
+
 def bucket_sizes(n: int):
-  """Static slot counts for a data-dependent count in [0, n]: 0, 1, 2, 4, ... and n."""
+  """Static slot counts for a data-dependent count in [0, n]: 0, 1, 2, 4, ... below the step
+  max(ceil(n / 16), 16), then its multiples, and n: a count pays at most one step of padded
+  slots (powers of two alone pay up to 2x, at n / 2 + 1) for at most ~20 branches."""
+  step = max(-(-n // BUCKET_STEPS), 16)
   sizes, size = {0, n}, 1
-  while size < n:
+  while size < min(step, n):
     sizes.add(size)
     size *= 2
+  sizes.update(range(step, n, step))
   return sorted(sizes)
 
 
 def bucketed(count, n: int, branch):
   """branch(slots) for the smallest bucket `slots` >= count (a traced int), via lax.switch:
-  only the chosen branch runs, so the work follows the count in power-of-two steps."""
+  only the chosen branch runs, so the work follows the count (`bucket_sizes`' steps)."""
   sizes = bucket_sizes(n)
   index = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), count.astype(jnp.int32))
   return jax.lax.switch(index, [functools.partial(branch, size) for size in sizes])

@@ -9,6 +9,7 @@ import pytest
 
 from layers.attention import MultiHeadAttention
 from layers.mlp import DenseFFN, ffn_macs
+from layers import routing
 from layers.routing import RoutedAttention, RoutedFFN, TokenRouter, executed_tokens
 
 B, T, D, F, H, HD = 2, 16, 32, 64, 2, 16
@@ -530,3 +531,19 @@ def test_lora_on_the_gated_biased_unit_adapts_all_three_matrices(compute, decisi
   router = D * (D // 4) + (D // 4) * (1 if decision == "causal" else 2)  # predictor / router
   np.testing.assert_array_equal(
       macs, np.where(executed, 3 * D * F + adapters, 2 * D * (D // 8)) + router)
+
+
+@pytest.mark.parametrize("n", [1, 5, 32, 200, 1024, 4096])
+def test_bucket_sizes_cover_every_count_within_one_step(n):
+  """Every count in [0, n] gets a bucket >= it, padded by less than max(ceil(n / 16), 16) slots
+  (and by at most the count itself below that: powers of two)."""
+  sizes = np.asarray(routing.bucket_sizes(n))
+  assert sizes[0] == 0 and sizes[-1] == n and np.all(np.diff(sizes) > 0)
+  step = max(-(-n // 16), 16)
+  counts = np.arange(n + 1)
+  chosen = sizes[np.searchsorted(sizes, counts)]
+  assert np.all(chosen >= counts)
+  assert np.all(chosen - counts < step)
+  small = (counts > 0) & (counts < step)
+  assert np.all(chosen[small] <= np.minimum(2 * counts[small], n))
+  assert len(sizes) <= 2 + math.log2(step) + 16  # a bounded number of switch branches
