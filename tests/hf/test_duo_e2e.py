@@ -45,10 +45,18 @@ def _char_tokenizer(corpus_glob: str, directory: str) -> list:
           "get_tokenizer.bos_id = 1", "get_tokenizer.eos_id = 2", "get_tokenizer.pad_id = 0"]
 
 
-def _import(family: str, workdir: str):
-  """Imports a fixture (GPT-2 without a tokenizer: it has none); returns its config.gin path."""
-  tokenizer = importer.NO_TOKENIZER if family == "gpt2" else None
-  importer.import_lm(fixture(family), workdir, tokenizer=tokenizer, log=lambda m: None)
+@pytest.fixture(scope="module", name="imported")
+def _imported(tmp_path_factory):
+  """Each fixture imported once (GPT-2 without a tokenizer: it has none): family -> workdir."""
+  root = tmp_path_factory.mktemp("imported")
+  for family in ("gpt2", "llama"):
+    tokenizer = importer.NO_TOKENIZER if family == "gpt2" else None
+    importer.import_lm(fixture(family), str(root / family), tokenizer=tokenizer,
+                       log=lambda m: None)
+  return {family: str(root / family) for family in ("gpt2", "llama")}
+
+
+def _config(workdir: str) -> str:
   return os.path.join(workdir, "config.gin")
 
 
@@ -83,11 +91,10 @@ def _hf_ffn(family: str) -> dict:
 
 @pytest.mark.parametrize("compute", ["masked", "gather", "sorted"])
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_all_big_duo_on_an_imported_model_gives_transformers_logits(family, compute, tmp_path):
-  imported = str(tmp_path / family)
-  config = _import(family, imported)
-  _parse(["configs/duo.gin", config], "duo_ffn.mode = 'big'", f"duo_ffn.compute = '{compute}'")
-  model, params, new, unused = _duo_from(imported)
+def test_all_big_duo_on_an_imported_model_gives_transformers_logits(family, compute, imported):
+  _parse(["configs/duo.gin", _config(imported[family])], "duo_ffn.mode = 'big'",
+         f"duo_ffn.compute = '{compute}'")
+  model, params, new, unused = _duo_from(imported[family])
   assert unused == []
   ffn = params["blocks"]["ffn"]
   for name, want in _hf_ffn(family).items():  # the pretrained FFN is Duo's big FFN, exactly
@@ -105,9 +112,9 @@ def _losses(workdir):
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_duo_stages_train_from_an_imported_model(family, corpus, tmp_path, capsys):
-  imported = str(tmp_path / family)
-  config = _import(family, imported)
+def test_duo_stages_train_from_an_imported_model(family, corpus, imported, tmp_path, capsys):
+  imported = imported[family]
+  config = _config(imported)
   tokenizer = _char_tokenizer(corpus["glob"], str(tmp_path)) if family == "gpt2" else []
   common = corpus_bindings(corpus) + list(FAST) + tokenizer
   stage1 = str(tmp_path / "duo")

@@ -40,11 +40,26 @@ def _parse(configs, *bindings):
   gin_utils.parse(configs, list(bindings), finalize=False)
 
 
-def _import(workdir: str, family: str = "llama") -> str:
-  """Imports a fixture (GPT-2 without a tokenizer: it has none); returns its config.gin path."""
-  tokenizer = importer.NO_TOKENIZER if family == "gpt2" else None
-  importer.import_lm(fixture(family), workdir, tokenizer=tokenizer, log=lambda m: None)
+@pytest.fixture(scope="module", name="imported")
+def _imported(tmp_path_factory):
+  """Each fixture imported once (GPT-2 without a tokenizer: it has none): family -> workdir."""
+  root = tmp_path_factory.mktemp("imported")
+  for family in ("llama", "gpt2"):
+    tokenizer = importer.NO_TOKENIZER if family == "gpt2" else None
+    importer.import_lm(fixture(family), str(root / family), tokenizer=tokenizer,
+                       log=lambda m: None)
+  return {family: str(root / family) for family in ("llama", "gpt2")}
+
+
+def _config(workdir: str) -> str:
   return os.path.join(workdir, "config.gin")
+
+
+def _init_from(model, imported: str):
+  """The model's params initialised from the import as train.init_checkpoint does: (params,
+  new paths, unused checkpoint paths)."""
+  fresh = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+  return checkpointing.init_params_from(imported, fresh)
 
 
 def _hf_ffn(family: str) -> dict:
@@ -73,18 +88,15 @@ def _assert_imported_ffn(ffn: dict, family: str = "llama"):
 @pytest.mark.parametrize("family, config, bindings", [
     ("llama", "configs/informed_routing_lff.gin", ()),
     ("llama", "configs/informed_routing.gin", ("SPARSITY = 0.0", "routed_ffn.compute = 'gather'")),
-    ("llama", "configs/informed_routing.gin", ("SPARSITY = 0.0", "routed_ffn.decision = 'causal'")),
     ("llama", "configs/mod.gin", ("SPARSITY = 0.0",)),
     ("gpt2", "configs/informed_routing.gin", ("SPARSITY = 0.0", "routed_ffn.compute = 'gather'")),
     ("gpt2", "configs/mod.gin", ("SPARSITY = 0.0", "routed_ffn.decision = 'causal'")),
 ])
 def test_routed_model_at_sparsity_zero_gives_transformers_logits(family, config, bindings,
-                                                                 tmp_path):
-  imported = str(tmp_path / family)
-  _parse([config, _import(imported, family)], *bindings)
+                                                                 imported):
+  _parse([config, _config(imported[family])], *bindings)
   model = build.build_decoder(0)
-  fresh = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
-  params, new, unused = checkpointing.init_params_from(imported, fresh)
+  params, new, unused = _init_from(model, imported[family])
   assert unused == []
   _assert_imported_ffn(params["blocks"]["ffn"], family)  # the pretrained FFN is the routed unit
   assert new and all(p.startswith(FFN) and p[len(FFN) + 2:].split("'")[0] in NEW for p in new)
@@ -104,9 +116,10 @@ def _trained_ffn(workdir: str) -> dict:
   return params["blocks"]["ffn"]
 
 
-def test_informed_routing_and_mod_train_from_an_imported_llama(corpus, tmp_path, capsys):
-  imported = str(tmp_path / "llama")
-  config = _import(imported)
+def test_informed_routing_and_mod_train_from_an_imported_llama(corpus, imported, tmp_path,
+                                                               capsys):
+  imported = imported["llama"]
+  config = _config(imported)
   common = corpus_bindings(corpus) + list(FAST)
   lff = str(tmp_path / "lff")
   _parse(["configs/informed_routing_lff.gin", TINY_GIN, config],
@@ -147,23 +160,22 @@ def test_informed_routing_and_mod_train_from_an_imported_llama(corpus, tmp_path,
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.5])
-def test_routed_llama_decodes_token_by_token_as_its_causal_pass(sparsity, tmp_path):
+def test_routed_llama_decodes_token_by_token_as_its_causal_pass(sparsity, imported):
   """The KV-cache decoder (generation) on the routed Llama with causal decisions: at sparsity 0
   transformers' reference logits, at 0.5 the full causal-decision pass (not the dense model:
   some tokens' FFNs take the forecast, zero from the fresh forecaster)."""
-  imported = str(tmp_path / "llama")
-  _parse(["configs/informed_routing.gin", _import(imported)], f"SPARSITY = {sparsity}",
+  _parse(["configs/informed_routing.gin", _config(imported["llama"])], f"SPARSITY = {sparsity}",
          "routed_ffn.decision = 'causal'", "routed_ffn.compute = 'gather'")
   model = build.build_decoder(0)
-  fresh = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
-  params, _, _ = checkpointing.init_params_from(imported, fresh)
+  params, _, _ = _init_from(model, imported["llama"])
   ref = reference("llama")
   decoder = decoding.Decoder(model.config)
   sched = skip_schedule.full_schedule(ref["ids"].shape[1], model.config.num_layers)
   logits = decoding.teacher_forced_logits(decoder, params, ref["ids"], sched, prompt_len=3)
   full = model.apply({"params": params}, ref["ids"])
   assert_logits_close(logits, full)
-  if sparsity == 0.0:
+  if sparsity == 0.0:  # causal decisions at sparsity 0: the imported model, decoded or not
+    assert_logits_close(full, ref["logits"])
     assert_logits_close(logits, ref["logits"])
   else:
     assert np.abs(np.asarray(full) - ref["logits"]).max() > 1e-2

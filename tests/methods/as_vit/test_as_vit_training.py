@@ -77,14 +77,15 @@ def test_pruning_thresholds_are_not_weight_decayed_and_the_other_weights_are():
   cfg = ViTConfig(image_size=16, patch_size=4, channels=1, num_classes=3, num_layers=3,
                   d_model=16, num_heads=2, head_dim=8, d_ff=32, prune_after=(1, 2),
                   threshold_init=(0.01, 0.02))
-  params = jax.tree.map(lambda a: a + 0.5, ViT(cfg).init(
-      jax.random.key(0), jnp.zeros((1, 16, 16, 1)))["params"])
+  # Every weight 0.5 (norm scales and biases too, so that "not decayed" is not trivially 0).
+  params = jax.tree.map(lambda a: jnp.full(a.shape, 0.5, a.dtype), jax.eval_shape(
+      ViT(cfg).init, jax.random.key(0), jnp.zeros((1, 16, 16, 1)))["params"])
   params = jax.tree.map(lambda a: a.value if hasattr(a, "value") else a, params,
                         is_leaf=lambda a: hasattr(a, "value"))
   tx = training.make_optimizer(10, learning_rate=1.0, warmup_steps=0, schedule="constant",
                                weight_decay=0.5, grad_clip_norm=None)
   # Zero gradients: Adam's step is 0, so every change is the decoupled decay -lr * wd * w.
-  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  updates, _ = jax.jit(tx.update)(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
   for stage in ("pruner_0", "pruner_1"):
     assert float(updates[stage]["threshold"]) == 0.0
   np.testing.assert_allclose(updates["block_0"]["wi"], -0.5 * params["block_0"]["wi"], rtol=1e-6)

@@ -24,6 +24,7 @@ TOKENFORMER = ["DecoderConfig.attention_cls = @tokenformer_attention()",
                "tokenformer_attention.n_out = 6", "tokenformer_ffn.n_ffn = 16"]
 
 
+@functools.lru_cache(maxsize=None)  # one config object per size, so _jitted reuses its compiles
 def _config(n_qkv=8, n_out=6, n_ffn=16, tau=(None, None, None)):
   attention = functools.partial(PattentionAttention, n_qkv=n_qkv, n_out=n_out, value_std=0.1,
                                 tau_tokens_qkv=tau[0], tau_tokens_out=tau[1])
@@ -36,13 +37,19 @@ def _config(n_qkv=8, n_out=6, n_ffn=16, tau=(None, None, None)):
 TOKENS = jax.random.randint(jax.random.key(5), (2, 12), 0, 40)
 
 
+@functools.lru_cache(maxsize=None)
+def _jitted(cfg):
+  """The config's jitted init (from a key) and apply, compiled once per config."""
+  model = DecoderLM(cfg)
+  return jax.jit(lambda key: model.init(key, TOKENS)), jax.jit(model.apply)
+
+
 def _init(cfg, seed):
-  init = jax.jit(lambda key: DecoderLM(cfg).init(key, TOKENS))
-  return nn.meta.unbox(init(jax.random.key(seed))["params"])
+  return nn.meta.unbox(_jitted(cfg)[0](jax.random.key(seed))["params"])
 
 
 def _logits(cfg, params):
-  return jax.jit(DecoderLM(cfg).apply)({"params": params}, TOKENS)
+  return _jitted(cfg)[1]({"params": params}, TOKENS)
 
 
 @pytest.fixture(scope="module", name="small")
@@ -110,6 +117,7 @@ def test_both_zero_new_tokens_get_zero_gradients_zero_keys_alone_do_not():
       jax.random.key(2), (8, 4))
   target = jax.random.normal(jax.random.key(3), (6, 4))
 
+  @jax.jit
   def new_token_grads(v_new):
     def loss(k_new, v_new):
       k = jnp.concatenate([k_old, k_new])
