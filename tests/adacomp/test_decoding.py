@@ -73,7 +73,8 @@ def _build(name):
 def _init(name):
   """The model of the config _build just parsed: built, initialised and jitted once per module."""
   model = build.build_decoder(VOCAB)
-  params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+  init = jax.jit(model.init)  # eager flax is slow op by op
+  params = nn.meta.unbox(init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
   params = _randomize(params, jax.random.key(1))
   layer_mask = tasks.position_layer_mask(T, model.config.num_layers)
   apply = jax.jit(lambda p, x, mask: model.apply({"params": p}, x, layer_mask=mask))
@@ -149,12 +150,15 @@ def test_decoding_refuses_top_k_routing(name):
 def test_causal_routing_skips_tokens_and_costs_less_than_dense():
   """The routed configs really route in causal mode: some tokens do not execute, and the
   generated tokens' sown MACs are below the dense model's."""
-  model, params, _, _ = _build("mod")
-  _, state = model.apply({"params": params}, _tokens(), mutable=["intermediates"])
+  def sown(name):
+    model, params, _, _ = _build(name)
+    apply = jax.jit(functools.partial(model.apply, mutable=["intermediates"]))  # eager is slow
+    return apply({"params": params}, _tokens())[1]
+
+  state = sown("mod")
   executed = np.asarray(state["intermediates"]["blocks"]["ffn"]["executed"][0])
   assert 0 < executed.mean() < 1
-  dense, dense_params, _, _ = _build("dense")
-  _, dense_state = dense.apply({"params": dense_params}, _tokens(), mutable=["intermediates"])
+  dense_state = sown("dense")
   macs = scoring.macs_per_token(state["intermediates"], (2, T))
   dense_macs = scoring.macs_per_token(dense_state["intermediates"], (2, T))
   assert float(jnp.mean(macs)) < float(jnp.mean(dense_macs))
