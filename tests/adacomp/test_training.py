@@ -139,7 +139,7 @@ def _cli_args(corpus, workdir, *bindings):
 def test_run_killed_mid_save_resumes_from_the_last_complete_checkpoint(corpus, tmp_path, capsys):
   bindings = ["train.num_steps = 12", "make_optimizer.decay_steps = 12",
               "make_manager.save_every = 1", "train.eval_every = 0"]
-  _train(corpus, tmp_path / "whole", *bindings)
+  _train(corpus, tmp_path / "whole", *bindings, "make_manager.save_every = 100")  # same steps
   workdir = tmp_path / "killed"
   proc = _cli(_cli_args(corpus, workdir, *bindings))
   killed_during_save = False
