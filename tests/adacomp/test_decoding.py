@@ -6,6 +6,8 @@ causal mode (what eval.py and scripts/generate.py use). For every one: the logit
 SkipDecode schedule where the config has one), and a row's logits do not depend on the other
 rows of its batch.
 """
+import functools
+
 import flax
 import gin
 import flax.linen as nn
@@ -60,32 +62,41 @@ def _randomize(params, key):
 
 
 def _build(name):
+  """(model, params, layer_mask, jitted apply) of the config, parsed afresh for every test."""
   path, extra = CONFIGS[name]
   gin.clear_config()
   gin_utils.parse([f"configs/{path}"], TINY + extra + factories.decision_bindings("causal"))
+  return _init(name)
+
+
+@functools.cache
+def _init(name):
+  """The model of the config _build just parsed: built, initialised and jitted once per module."""
   model = build.build_decoder(VOCAB)
-  params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+  init = jax.jit(model.init)  # eager flax is slow op by op
+  params = nn.meta.unbox(init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
   params = _randomize(params, jax.random.key(1))
   layer_mask = tasks.position_layer_mask(T, model.config.num_layers)
-  return model, params, layer_mask
+  apply = jax.jit(lambda p, x, mask: model.apply({"params": p}, x, layer_mask=mask))
+  return model, params, layer_mask, apply
 
 
 def _tokens(b=2, t=T, seed=3):
   return jax.random.randint(jax.random.key(seed), (b, t), 1, VOCAB)
 
 
-def _forward(model, params, tokens, layer_mask):
+def _forward(apply, params, tokens, layer_mask):
   mask = None if layer_mask is None else jnp.asarray(layer_mask[:, :tokens.shape[1]])
-  return jax.jit(lambda p, x: model.apply({"params": p}, x, layer_mask=mask))(params, tokens)
+  return apply(params, tokens, mask)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_logits_before_p_ignore_the_tokens_from_p_on(name):
-  model, params, layer_mask = _build(name)
+  _, params, layer_mask, apply = _build(name)
   tokens = _tokens()
   other = tokens.at[:, 7:].set((tokens[:, 7:] + 5) % VOCAB)
-  a = np.asarray(_forward(model, params, tokens, layer_mask))
-  b = np.asarray(_forward(model, params, other, layer_mask))
+  a = np.asarray(_forward(apply, params, tokens, layer_mask))
+  b = np.asarray(_forward(apply, params, other, layer_mask))
   np.testing.assert_array_equal(a[:, :7], b[:, :7])
   assert not np.allclose(a[:, 7:], b[:, 7:])
 
@@ -101,29 +112,29 @@ def _schedule(layer_mask, num_layers):
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_kv_cache_decoding_equals_the_teacher_forced_forward_pass(name):
-  model, params, layer_mask = _build(name)
+  model, params, layer_mask, apply = _build(name)
   tokens = _tokens()
-  want = _forward(model, params, tokens, layer_mask)
+  want = _forward(apply, params, tokens, layer_mask)
   schedule, warmup = _schedule(layer_mask, model.config.num_layers)
   decoder = decoding.Decoder(model.config, warmup_layers=warmup)
   got = decoding.teacher_forced_logits(decoder, params, tokens, schedule, prompt_len=PROMPT)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   if layer_mask is not None:  # the schedule skipped layers: not the full model
-    full = _forward(model, params, tokens, None)
+    full = _forward(apply, params, tokens, None)
     assert not np.allclose(got[:, PROMPT + 2:], full[:, PROMPT + 2:], atol=1e-4)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_a_rows_logits_do_not_depend_on_the_other_rows(name):
   """Alone, and in a batch with two other rows of other lengths (right-padded)."""
-  model, params, layer_mask = _build(name)
+  _, params, layer_mask, apply = _build(name)
   lens = [T, 9, 5]
   batch = np.array(_tokens(3, T, seed=5))
   for row, n in enumerate(lens):
     batch[row, n:] = 0
-  together = np.asarray(_forward(model, params, jnp.asarray(batch), layer_mask))
+  together = np.asarray(_forward(apply, params, jnp.asarray(batch), layer_mask))
   for row, n in enumerate(lens):
-    alone = np.asarray(_forward(model, params, jnp.asarray(batch[row:row + 1, :n]), layer_mask))
+    alone = np.asarray(_forward(apply, params, jnp.asarray(batch[row:row + 1, :n]), layer_mask))
     np.testing.assert_allclose(together[row, :n], alone[0], rtol=1e-5, atol=1e-5)
 
 
@@ -139,12 +150,15 @@ def test_decoding_refuses_top_k_routing(name):
 def test_causal_routing_skips_tokens_and_costs_less_than_dense():
   """The routed configs really route in causal mode: some tokens do not execute, and the
   generated tokens' sown MACs are below the dense model's."""
-  model, params, _ = _build("mod")
-  _, state = model.apply({"params": params}, _tokens(), mutable=["intermediates"])
+  def sown(name):
+    model, params, _, _ = _build(name)
+    apply = jax.jit(functools.partial(model.apply, mutable=["intermediates"]))  # eager is slow
+    return apply({"params": params}, _tokens())[1]
+
+  state = sown("mod")
   executed = np.asarray(state["intermediates"]["blocks"]["ffn"]["executed"][0])
   assert 0 < executed.mean() < 1
-  dense, dense_params, _ = _build("dense")
-  _, dense_state = dense.apply({"params": dense_params}, _tokens(), mutable=["intermediates"])
+  dense_state = sown("dense")
   macs = scoring.macs_per_token(state["intermediates"], (2, T))
   dense_macs = scoring.macs_per_token(dense_state["intermediates"], (2, T))
   assert float(jnp.mean(macs)) < float(jnp.mean(dense_macs))

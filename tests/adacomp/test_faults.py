@@ -58,14 +58,11 @@ def truncate(step_dir, item="params"):
   return path
 
 
-@pytest.fixture(scope="module")
-def saved_run(corpus, tmp_path_factory):
+@pytest.fixture
+def saved_run(tiny_run):
   """A finished tiny run with steps 1 (orbax saves the first), 2, 4, 6 and 8 saved; tests
   damage copies of it."""
-  workdir = tmp_path_factory.mktemp("saved") / "run"
-  _train(corpus, workdir)
-  gin.clear_config()
-  return workdir
+  return tiny_run[0]
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ def _model_macs(width, vocab, layers=L):
 @pytest.fixture(scope="module", name="result")
 def _result(corpus, tmp_path_factory):
   root = tmp_path_factory.mktemp("pareto")
-  quiet = ("train.eval_every = 0", "make_manager.save_every = 100", "train.num_steps = 2")
+  quiet = ("train.eval_every = 0", "make_manager.save_every = 100", "train.num_steps = 1")
   _train(corpus, root / "dense", *quiet)
   _train(corpus, root / "duo", *quiet, "DecoderConfig.ffn_cls = @duo_ffn()")
   _train(corpus, root / "informed", *quiet, "DecoderConfig.ffn_cls = @routed_ffn()",

@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,6 +16,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from adacomp import checkpointing, evaluation, training
+from adacomp.data import local_text
 from tests.corpus import REPO, TINY_GIN, configure, corpus_bindings
 
 
@@ -53,21 +55,21 @@ def test_training_lowers_the_loss(corpus, tmp_path):
   assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
 
 
-def test_resumed_run_ends_on_the_same_params_and_data_position(corpus, tmp_path):
-  _train(corpus, tmp_path / "whole")
+def test_resumed_run_ends_on_the_same_params_and_data_position(corpus, tiny_run, tmp_path):
+  whole_dir = tiny_run[0]  # the same 8 steps in one go
   _train(corpus, tmp_path / "split", "train.num_steps = 4")
   assert _params(tmp_path / "split")[0] == 4
   _train(corpus, tmp_path / "split")
-  step_a, whole = _params(tmp_path / "whole")
+  step_a, whole = _params(whole_dir)
   step_b, split = _params(tmp_path / "split")
   assert step_a == step_b == 8
   _assert_trees_equal(whole, split, atol=1e-6)
-  assert _data_state(tmp_path / "whole", 8) == _data_state(tmp_path / "split", 8)
+  assert _data_state(whole_dir, 8) == _data_state(tmp_path / "split", 8)
 
 
-def test_eval_reproduces_the_final_validation_loss_of_training(corpus, tmp_path):
-  summary = _train(corpus, tmp_path / "run")
-  gin.clear_config()
+def test_eval_reproduces_the_final_validation_loss_of_training(tiny_run, tmp_path):
+  shutil.copytree(tiny_run[0], tmp_path / "run")  # the report is written into the run
+  summary = tiny_run[1]
   step, meta = checkpointing.read_meta(str(tmp_path / "run"))
   gin.parse_config(meta["gin_config"])
   report = evaluation.evaluate_checkpoint(str(tmp_path / "run"), meta, step)
@@ -107,8 +109,17 @@ def test_non_finite_params_stop_training_even_when_the_loss_was_finite():
   training._check_finite(4, {"loss": 2.0, "params_finite": 1.0}, _FakeManager())
 
 
-def test_resuming_with_a_different_optimizer_names_the_cause(corpus, tmp_path):
-  _train(corpus, tmp_path / "run", "train.num_steps = 2")
+@pytest.fixture(scope="module")
+def dense_run(corpus, tmp_path_factory):
+  """A 2-step tiny dense run: the starting point of the init_checkpoint tests; read only."""
+  workdir = tmp_path_factory.mktemp("dense") / "run"
+  _train(corpus, workdir, "train.num_steps = 2", "train.eval_every = 0")
+  gin.clear_config()
+  return workdir
+
+
+def test_resuming_with_a_different_optimizer_names_the_cause(corpus, dense_run, tmp_path):
+  shutil.copytree(dense_run, tmp_path / "run")
   with pytest.raises(checkpointing.CheckpointError,
                      match=r"optimizer state of checkpoint step 2 .* does not match"):
     _train(corpus, tmp_path / "run", "train.num_steps = 4", "make_optimizer.grad_clip_norm = None")
@@ -125,10 +136,10 @@ def _cli_args(corpus, workdir, *bindings):
   return args + [f"--gin_bindings={b}" for b in corpus_bindings(corpus) + list(bindings)]
 
 
-def test_run_killed_mid_save_resumes_from_the_last_complete_checkpoint(corpus, tmp_path):
-  bindings = ["train.num_steps = 40", "make_optimizer.decay_steps = 40",
+def test_run_killed_mid_save_resumes_from_the_last_complete_checkpoint(corpus, tmp_path, capsys):
+  bindings = ["train.num_steps = 12", "make_optimizer.decay_steps = 12",
               "make_manager.save_every = 1", "train.eval_every = 0"]
-  _train(corpus, tmp_path / "whole", *bindings)
+  _train(corpus, tmp_path / "whole", *bindings, "make_manager.save_every = 100")  # same steps
   workdir = tmp_path / "killed"
   proc = _cli(_cli_args(corpus, workdir, *bindings))
   killed_during_save = False
@@ -143,13 +154,12 @@ def test_run_killed_mid_save_resumes_from_the_last_complete_checkpoint(corpus, t
     time.sleep(0.002)
   proc.wait()
   assert killed_during_save, "the run finished before a save could be interrupted"
-  resumed = _cli(_cli_args(corpus, workdir, *bindings))
-  out, _ = resumed.communicate(timeout=600)
-  assert resumed.returncode == 0, out[-3000:]
-  assert "Resuming from checkpoint step" in out
+  capsys.readouterr()
+  _train(corpus, workdir, *bindings)  # the resume, in this process
+  assert "Resuming from checkpoint step" in capsys.readouterr().out
   _, whole = _params(tmp_path / "whole")
   step, after = _params(workdir)
-  assert step == 40
+  assert step == 12
   _assert_trees_equal(whole, after, atol=1e-6)
 
 
@@ -160,7 +170,8 @@ def _free_port():
 
 
 def test_two_processes_joined_by_jax_distributed_agree_on_the_loss(corpus, tmp_path):
-  _train(corpus, tmp_path / "prepare", "train.num_steps = 1")  # prepares the dataset once
+  # The corpus prepared once, here, rather than by both processes at the same time.
+  local_text.local_text_builder(corpus["glob"], corpus["data_dir"]).download_and_prepare()
   port = _free_port()
   procs = [
       _cli(_cli_args(corpus, tmp_path / "mp", "train.num_steps = 4", "train.eval_every = 0") +
@@ -202,13 +213,12 @@ def test_trainable_expression_that_matches_nothing_is_refused():
     tx.init({"wi": np.zeros(3)})
 
 
-def test_duo_run_starts_from_a_dense_checkpoint(corpus, tmp_path, capsys):
+def test_duo_run_starts_from_a_dense_checkpoint(corpus, dense_run, tmp_path, capsys):
   """init_checkpoint from a smaller tree: shared params are copied, new ones keep their init."""
-  _train(corpus, tmp_path / "dense", "train.num_steps = 2", "train.eval_every = 0")
-  _, dense = _params(tmp_path / "dense")
+  _, dense = _params(dense_run)
   _train(corpus, tmp_path / "duo", "train.num_steps = 2", "train.eval_every = 0",
          "DecoderConfig.ffn_cls = @duo_ffn()", "duo_ffn.mode = 'big'",
-         "make_optimizer.trainable = 'router'", f"train.init_checkpoint = '{tmp_path / 'dense'}'")
+         "make_optimizer.trainable = 'router'", f"train.init_checkpoint = '{dense_run}'")
   assert "new parameter(s) keep their init" in capsys.readouterr().out
   _, duo = _params(tmp_path / "duo")
   assert set(duo["blocks"]["ffn"]) == {"wi", "wo", "wi_small", "wo_small", "router"}
@@ -217,8 +227,7 @@ def test_duo_run_starts_from_a_dense_checkpoint(corpus, tmp_path, capsys):
   np.testing.assert_array_equal(duo["blocks"]["attn"]["query"], dense["blocks"]["attn"]["query"])
 
 
-def test_init_checkpoint_with_other_sizes_names_the_parameters(corpus, tmp_path):
-  _train(corpus, tmp_path / "dense", "train.num_steps = 2", "train.eval_every = 0")
+def test_init_checkpoint_with_other_sizes_names_the_parameters(corpus, dense_run, tmp_path):
   with pytest.raises(checkpointing.CheckpointError, match=r"(?s)other shapes.*wi"):
     _train(corpus, tmp_path / "wide", "train.num_steps = 2", "DecoderConfig.d_ff = 96",
-           f"train.init_checkpoint = '{tmp_path / 'dense'}'")
+           f"train.init_checkpoint = '{dense_run}'")

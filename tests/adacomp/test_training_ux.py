@@ -1,5 +1,7 @@
 """What a researcher sees around a run: progress line, profile, stage inputs, report names."""
+import contextlib
 import glob
+import io
 import json
 import os
 
@@ -19,18 +21,28 @@ def _train(corpus, workdir, *bindings):
   return training.train(str(workdir))
 
 
-def test_progress_line_reports_achieved_tflops_and_the_summary_names_the_checkpoints(
-    corpus, tmp_path, capsys):
-  summary = _train(corpus, tmp_path / "run")
-  lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("[")]
+@pytest.fixture(scope="module", name="run")
+def _run(corpus, tmp_path_factory):
+  """(workdir, summary, printed log) of one 4-step run; the tests only add eval reports."""
+  workdir = tmp_path_factory.mktemp("ux") / "run"
+  log = io.StringIO()
+  with contextlib.redirect_stdout(log):
+    summary = _train(corpus, workdir)
+  gin.clear_config()
+  return workdir, summary, log.getvalue()
+
+
+def test_progress_line_reports_achieved_tflops_and_the_summary_names_the_checkpoints(run):
+  workdir, summary, log = run
+  lines = [l for l in log.splitlines() if l.startswith("[")]
   assert len(lines) == 2 and all(" TFLOP/s" in l for l in lines), lines
   # TFLOP/s is one compiled step's FLOPs over the measured step time, so TFLOP/s x ms/step is
   # the same FLOP count in every window however the time varies.
-  records = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+  records = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
   flops = [r["tflops_per_s"] * r["step_ms"] for r in records if r["split"] == "train"]
   assert len(flops) == 2 and flops[0] > 0
   assert flops[1] == pytest.approx(flops[0], rel=1e-9)
-  assert summary["checkpoint_dir"] == str(checkpointing.checkpoint_root(str(tmp_path / "run")))
+  assert summary["checkpoint_dir"] == str(checkpointing.checkpoint_root(str(workdir)))
   assert os.path.isdir(os.path.join(summary["checkpoint_dir"], "4"))
 
 
@@ -51,17 +63,16 @@ def test_a_stage_config_without_its_input_names_the_earlier_stage_and_writes_not
   assert not os.path.exists(tmp_path / "router")
 
 
-def test_eval_reports_are_named_after_what_was_evaluated(corpus, tmp_path):
-  _train(corpus, tmp_path / "run")
+def test_eval_reports_are_named_after_what_was_evaluated(run):
+  workdir = run[0]
   names = []
   for batches in (2, None):
-    step, meta = gin_utils.parse_checkpoint_config(str(tmp_path / "run"))
-    report = evaluation.evaluate_checkpoint(str(tmp_path / "run"), meta, step,
-                                            eval_batches=batches)
+    step, meta = gin_utils.parse_checkpoint_config(str(workdir))
+    report = evaluation.evaluate_checkpoint(str(workdir), meta, step, eval_batches=batches)
     names.append(os.path.basename(report["output"]))
   assert names == ["eval_validation_step4_2batches.json", "eval_validation_step4_all.json"]
   # Neither overwrote the other.
-  assert all(os.path.isfile(tmp_path / "run" / n) for n in names)
+  assert all(os.path.isfile(workdir / n) for n in names)
 
 
 @pytest.mark.parametrize("value,expected", [("all", None), ("ALL", None), ("3", 3)])

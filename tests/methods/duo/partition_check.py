@@ -1,7 +1,7 @@
 """Run as a script with 8 simulated CPU devices; prints JSON for test_partition.py.
 
 Duo stage 1 (configs/duo.gin: random mix_exact routes, compute "sorted") at a tiny size:
-  * a few train steps with impl="interpret" (routed_ffn's TPU kernels under Mosaic's
+  * two train steps with impl="interpret" (routed_ffn's TPU kernels under Mosaic's
     interpreter, per shard) on one device and on a (data 2, fsdp 2, tensor 2) mesh, from the same
     initial parameters and batches: both loss curves;
   * the train step (impl "auto") exported for TPU under a 2 x 2 (data, tensor) mesh: whether
@@ -48,7 +48,7 @@ def _batches(steps):
            "weights": np.ones((B, T), np.float32), "target_bytes": np.ones((B, T), np.float32)}
 
 
-def losses(mesh, steps=3):
+def losses(mesh, steps=2):
   model, rules = _model("interpret"), sharding.logical_axis_rules()
   tx = training.make_optimizer(10, learning_rate=1e-2, warmup_steps=0)
   out = []
