@@ -591,3 +591,16 @@ __all__ = ["CheckpointError", "CheckpointDamagedError", "CheckpointWriteError",
            "make_manager", "save", "finish", "restore", "find_resumable", "set_aside",
            "restore_params", "init_params_from", "read_meta", "check_compatible", "verify",
            "leaf_digests", "tree_digest"]
+
+
+def file_digests(path) -> dict:
+  """{relative path: sha256} of every file under `path` ({} when it does not exist): a run's
+  bytes, to check that a failing run left them untouched (tests/adacomp/test_faults.py,
+  scripts/fault_table.py)."""
+  out = {}
+  for root, _, files in os.walk(path):
+    for name in files:
+      full = os.path.join(root, name)
+      with open(full, "rb") as f:
+        out[os.path.relpath(full, path)] = hashlib.sha256(f.read()).hexdigest()
+  return out

@@ -30,6 +30,8 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from adacomp.checkpointing import file_digests
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_GIN = os.path.join(REPO, "tests", "testdata", "tiny_train.gin")
 
@@ -56,16 +58,6 @@ epath.gpath.PosixGPath.write_text = full_disk
 sys.argv = [sys.argv[1]] + sys.argv[2:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
-
-
-def tree_hash(path) -> dict:
-  out = {}
-  for root, _, files in os.walk(path):
-    for name in files:
-      full = os.path.join(root, name)
-      with open(full, "rb") as f:
-        out[os.path.relpath(full, path)] = hashlib.sha256(f.read()).hexdigest()
-  return out
 
 
 def largest_array_file(step_dir, item="params"):
@@ -122,14 +114,14 @@ def first_line(output: str) -> str:
 
 
 def unchanged(before: dict, workdir: str) -> bool:
-  return tree_hash(workdir) == before
+  return file_digests(workdir) == before
 
 
 def checkpoints_kept(before: dict, workdir: str) -> bool:
-  """Every checkpoint file of `before` (a tree_hash of checkpoints/) still has its bytes, in
+  """Every checkpoint file of `before` (file_digests of checkpoints/) still has its bytes, in
   place or moved to damaged_checkpoints/."""
-  now = tree_hash(os.path.join(workdir, "checkpoints"))
-  aside = tree_hash(os.path.join(workdir, "damaged_checkpoints"))
+  now = file_digests(os.path.join(workdir, "checkpoints"))
+  aside = file_digests(os.path.join(workdir, "damaged_checkpoints"))
   return all(now.get(k) == v or aside.get(k) == v for k, v in before.items())
 
 
@@ -158,21 +150,21 @@ def cases(r: Runner):
     meta = json.load(open(meta_file))
     meta["gin_config"] = EXPLOIT.format(marker=marker) + meta["gin_config"]
     json.dump(meta, open(meta_file, "w"))
-    before = tree_hash(w)
+    before = file_digests(w)
     code, out = r.eval(w)
     return code, out, unchanged(before, w) and not os.path.exists(marker)
 
   def flipped_bits_eval():
     w = r.copy("flipped_eval")
     flip_bits(largest_array_file(os.path.join(w, "checkpoints", "8")))
-    before = tree_hash(w)
+    before = file_digests(w)
     code, out = r.eval(w)
     return code, out, unchanged(before, w)
 
   def flipped_bits_resume():
     w = r.copy("flipped_resume")
     flip_bits(largest_array_file(os.path.join(w, "checkpoints", "8")))
-    before = tree_hash(os.path.join(w, "checkpoints"))
+    before = file_digests(os.path.join(w, "checkpoints"))
     code, out = r.train(w, "train.num_steps = 10", "make_optimizer.decay_steps = 10")
     return code, out, checkpoints_kept(before, w)
 
@@ -183,7 +175,7 @@ def cases(r: Runner):
       with open(os.path.join(w, "train.lock"), "w") as f:
         json.dump({"host": os.uname().nodename, "pid": holder.pid,
                    "start": time.strftime("%Y-%m-%dT%H:%M:%S")}, f)
-      before = tree_hash(w)
+      before = file_digests(w)
       code, out = r.train(w, "train.num_steps = 10")
       return code, out, unchanged(before, w)
     finally:
@@ -196,7 +188,7 @@ def cases(r: Runner):
     gone.wait()
     with open(os.path.join(w, "train.lock"), "w") as f:
       json.dump({"host": os.uname().nodename, "pid": gone.pid, "start": "earlier"}, f)
-    before = tree_hash(os.path.join(w, "checkpoints"))
+    before = file_digests(os.path.join(w, "checkpoints"))
     code, out = r.train(w, "train.num_steps = 10", "make_optimizer.decay_steps = 10")
     return code, out, checkpoints_kept(before, w) and not os.path.exists(
         os.path.join(w, "train.lock"))
@@ -204,14 +196,14 @@ def cases(r: Runner):
   def bad_binding(binding):
     def run():
       w = r.copy("arg_" + hashlib.md5(binding.encode()).hexdigest()[:6])
-      before = tree_hash(w)
+      before = file_digests(w)
       code, out = r.train(w, "train.num_steps = 10", binding)
       return code, out, unchanged(before, w)
     return run
 
   def shape_mismatch():
     w = r.copy("mismatch")
-    before = tree_hash(w)
+    before = file_digests(w)
     code, out = r.train(w, "train.num_steps = 10", "DecoderConfig.d_ff = 96")
     return code, out, unchanged(before, w)
 
@@ -248,7 +240,7 @@ def cases(r: Runner):
     w = r.copy("position")
     with open(os.path.join(w, "checkpoints", "8", "data", "process_0-of-1.json"), "w") as f:
       f.write('{"epoch": 0, "doc"')
-    before = tree_hash(os.path.join(w, "checkpoints"))
+    before = file_digests(os.path.join(w, "checkpoints"))
     code, out = r.train(w)
     return code, out, checkpoints_kept(before, w)
 
@@ -257,7 +249,7 @@ def cases(r: Runner):
     path = largest_array_file(os.path.join(w, "checkpoints", "8"))
     data = open(path, "rb").read()
     open(path, "wb").write(data[:len(data) // 2])
-    before = tree_hash(os.path.join(w, "checkpoints"))
+    before = file_digests(os.path.join(w, "checkpoints"))
     code, out = r.train(w)
     return code, out, checkpoints_kept(before, w)
 
@@ -273,7 +265,7 @@ def cases(r: Runner):
       if mounted:  # shrink it to what the copy uses plus 64 kB: too little for another step
         used = shutil.disk_usage(w).used
         subprocess.run(["mount", "-o", f"remount,size={used + 64 * 1024}", w], check=True)
-      before = tree_hash(os.path.join(w, "checkpoints"))
+      before = file_digests(os.path.join(w, "checkpoints"))
       bindings = ("train.num_steps = 10", "make_optimizer.decay_steps = 10")
       if mounted:
         code, out = r.train(w, *bindings)
@@ -291,14 +283,14 @@ def cases(r: Runner):
 
   def step_never_saved():
     w = r.copy("no_step")
-    before = tree_hash(w)
+    before = file_digests(w)
     code, out = r.eval(w, "--step=5")
     return code, out, unchanged(before, w)
 
   def missing_metadata():
     w = r.copy("no_meta")
     shutil.rmtree(os.path.join(w, "checkpoints", "8", "meta"))
-    before = tree_hash(w)
+    before = file_digests(w)
     code, out = r.eval(w)
     return code, out, unchanged(before, w)
 

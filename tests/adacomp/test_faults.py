@@ -2,7 +2,6 @@
 named fallback) and leaves every file saved before it intact (scripts/fault_table.py runs the
 same faults through the command line)."""
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -25,17 +24,6 @@ def _train(corpus, workdir, *bindings):
   gin.clear_config()
   configure(corpus, *bindings)
   return training.train(str(workdir))
-
-
-def tree_hash(path) -> dict:
-  """{relative path: sha256} of every file under `path` ({} when it does not exist)."""
-  out = {}
-  for root, _, files in os.walk(path):
-    for name in files:
-      full = os.path.join(root, name)
-      with open(full, "rb") as f:
-        out[os.path.relpath(full, path)] = hashlib.sha256(f.read()).hexdigest()
-  return out
 
 
 def _largest_array_file(step_dir, item="params"):
@@ -98,7 +86,7 @@ def _plant_config(workdir, step, text):
 def test_saved_config_that_imports_os_is_refused_and_never_run(run_copy, tmp_path):
   marker = tmp_path / "pwned"
   _plant_config(run_copy, 8, EXPLOIT.format(marker=marker))
-  before = tree_hash(run_copy)
+  before = checkpointing.file_digests(run_copy)
   with pytest.raises(gin_utils.GinConfigError,
                      match=r"step 8 .* refused at line 1: 'from __gin__ import dynamic_regis"
                            r"tration': an import .*would run code.*--gin_file"):
@@ -108,7 +96,7 @@ def test_saved_config_that_imports_os_is_refused_and_never_run(run_copy, tmp_pat
   with pytest.raises(gin_utils.GinConfigError, match=r"@os.system is not a configurable of this"):
     gin_utils.check_saved_config("train.init_checkpoint = @os.system()\n", "planted")
   assert not marker.exists()
-  assert tree_hash(run_copy) == before
+  assert checkpointing.file_digests(run_copy) == before
 
 
 @pytest.mark.parametrize("config", gin_utils.available_configs())
@@ -135,7 +123,7 @@ def test_orbax_alone_does_not_notice_flipped_bits_in_a_params_file(run_copy):
 def test_flipped_bits_are_refused_and_resume_falls_back_to_the_newest_intact_step(
     corpus, run_copy, capsys):
   flip_bits(run_copy / "checkpoints" / "8")
-  before = tree_hash(run_copy / "checkpoints")
+  before = checkpointing.file_digests(run_copy / "checkpoints")
   step, meta = checkpointing.read_meta(str(run_copy))
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                           _restore_with_orbax_alone(run_copy, 6))
@@ -146,9 +134,9 @@ def test_flipped_bits_are_refused_and_resume_falls_back_to_the_newest_intact_ste
   out = capsys.readouterr().out
   assert "skipping damaged checkpoint step 8" in out and "Resuming from checkpoint step 6" in out
   # Nothing deleted: the damaged step is kept, byte for byte, beside the checkpoints.
-  moved = tree_hash(run_copy / checkpointing.DAMAGED_SUBDIR / "8")
+  moved = checkpointing.file_digests(run_copy / checkpointing.DAMAGED_SUBDIR / "8")
   assert moved == {k[2:]: v for k, v in before.items() if k.startswith("8/")}
-  after = tree_hash(run_copy / "checkpoints")
+  after = checkpointing.file_digests(run_copy / "checkpoints")
   assert all(after[k] == v for k, v in before.items() if k.split("/")[0] in {"1", "2", "4", "6"})
   assert checkpointing.read_meta(str(run_copy))[0] == 10
 
@@ -161,12 +149,12 @@ def test_second_writer_is_refused_naming_the_holder_and_a_stale_lock_is_taken_ov
   try:
     (run_copy / checkpointing.LOCK_FILE).write_text(json.dumps(
         {"host": os.uname().nodename, "pid": holder.pid, "start": "2026-01-01T00:00:00+00:00"}))
-    before = tree_hash(run_copy)
+    before = checkpointing.file_digests(run_copy)
     with pytest.raises(checkpointing.WorkdirLockedError,
                        match=rf"being written by process {holder.pid} on host .*started "
                              rf"2026-01-01.*another --workdir"):
       _train(corpus, run_copy, "train.num_steps = 10")
-    assert tree_hash(run_copy) == before
+    assert checkpointing.file_digests(run_copy) == before
   finally:
     holder.kill()
     holder.wait()
@@ -198,10 +186,10 @@ def test_bad_argument_is_refused_before_anything_is_written(corpus, run_copy, bi
   if message is None:  # gin has no nan literal: a string stands in for a non-number
     binding, message = ("make_optimizer.learning_rate = 'fast'",
                         r"learning_rate='fast': expected a float, got str")
-  before = tree_hash(run_copy)
+  before = checkpointing.file_digests(run_copy)
   with pytest.raises(ValueError, match=message):
     _train(corpus, run_copy, "train.num_steps = 10", binding)
-  assert tree_hash(run_copy) == before
+  assert checkpointing.file_digests(run_copy) == before
 
 
 def test_learning_rate_that_is_not_finite_is_refused():
@@ -212,10 +200,10 @@ def test_learning_rate_that_is_not_finite_is_refused():
 # -- 5. order: a rejected run leaves the workdir as it was ----------------------------------
 
 def test_rejected_resume_leaves_the_workdir_byte_for_byte_as_it_was(corpus, run_copy, tmp_path):
-  before = tree_hash(run_copy)
+  before = checkpointing.file_digests(run_copy)
   with pytest.raises(checkpointing.CheckpointError, match=r"(?s)does not match the model.*config.gin"):
     _train(corpus, run_copy, "train.num_steps = 10", "DecoderConfig.d_ff = 96")
-  assert tree_hash(run_copy) == before
+  assert checkpointing.file_digests(run_copy) == before
   fresh = tmp_path / "fresh"
   with pytest.raises(checkpointing.CheckpointError, match=r"(?s)other shapes.*wi"):
     _train(corpus, fresh, "DecoderConfig.d_ff = 96", f"train.init_checkpoint = '{run_copy}'")
@@ -285,16 +273,16 @@ def test_truncated_or_unparsable_steps_are_skipped_and_named(corpus, run_copy, c
   with pytest.raises(checkpointing.CheckpointDamagedError, match=r"step 8 is damaged: .*/8/params"):
     checkpointing.restore_params(str(run_copy), jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _restore_with_orbax_alone(run_copy, 4)))
-  before = tree_hash(run_copy / "checkpoints")
+  before = checkpointing.file_digests(run_copy / "checkpoints")
   _train(corpus, run_copy)
   out = capsys.readouterr().out
   assert "skipping damaged checkpoint step 8" in out and "/8/params" in out
   assert "skipping damaged checkpoint step 6" in out and "process_0-of-1.json does not parse" in out
   assert "Resuming from checkpoint step 4" in out
-  after = tree_hash(run_copy / "checkpoints")
+  after = checkpointing.file_digests(run_copy / "checkpoints")
   assert all(after[k] == v for k, v in before.items() if k.split("/")[0] in {"1", "2", "4"})
   for step in ("6", "8"):  # both kept, byte for byte, the truncated file included
-    assert tree_hash(run_copy / checkpointing.DAMAGED_SUBDIR / step) == {
+    assert checkpointing.file_digests(run_copy / checkpointing.DAMAGED_SUBDIR / step) == {
         k[2:]: v for k, v in before.items() if k.startswith(step + "/")}
   assert f"8/params/ocdbt.process_0/d/{truncated.name}" in before
 
@@ -310,14 +298,14 @@ def test_full_disk_names_the_space_and_removes_the_half_written_step(corpus, run
     return write_text(self, *args, **kwargs)
 
   monkeypatch.setattr(epath.gpath.PosixGPath, "write_text", full_disk)
-  before = tree_hash(run_copy / "checkpoints")
+  before = checkpointing.file_digests(run_copy / "checkpoints")
   with pytest.raises(checkpointing.CheckpointWriteError,
                      match=r"step 10 .*No space left on device\. Each step needs about .* MB.*"
                            r"removed.*Saved steps \[1, 2, 4, 6, 8\] are intact"):
     _train(corpus, run_copy, "train.num_steps = 10", "make_optimizer.decay_steps = 10")
   root = run_copy / "checkpoints"
   assert not [p for p in root.iterdir() if "tmp" in p.name or p.name == "10"]
-  after = tree_hash(root)
+  after = checkpointing.file_digests(root)
   assert all(after[k] == v for k, v in before.items())
 
 
@@ -332,11 +320,11 @@ def test_step_never_saved_lists_the_saved_ones_and_missing_metadata_is_named(run
 
 def test_eval_cli_refuses_a_damaged_checkpoint_in_one_error_line(run_copy):
   flip_bits(run_copy / "checkpoints" / "8")
-  before = tree_hash(run_copy)
+  before = checkpointing.file_digests(run_copy)
   out = subprocess.run([sys.executable, os.path.join(REPO, "eval.py"),
                         f"--checkpoint_dir={run_copy}"], capture_output=True, text=True,
                        cwd=REPO, timeout=300, check=False)
   assert out.returncode == 1
   assert "ERROR: Checkpoint step 8 is damaged" in out.stderr and "fails its checksum" in out.stderr
   assert "Traceback" not in out.stderr
-  assert tree_hash(run_copy) == before
+  assert checkpointing.file_digests(run_copy) == before
