@@ -31,6 +31,17 @@ def import_and_load(family: str, workdir: str, hf_dir=None):
   return model, params, meta
 
 
+def import_fixtures(root, families=("llama", "gpt2")) -> dict:
+  """Imports each fixture into root/<family> (GPT-2 without a tokenizer: it has none), once for
+  a test module; returns {family: workdir}."""
+  out = {}
+  for family in families:
+    tokenizer = importer.NO_TOKENIZER if family == "gpt2" else None
+    out[family] = os.path.join(str(root), family)
+    importer.import_lm(fixture(family), out[family], tokenizer=tokenizer, log=lambda m: None)
+  return out
+
+
 def assert_logits_close(ours, theirs, rtol=1e-5):
   """Same logits to `rtol` relative to the logits' scale (float32)."""
   ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)

@@ -19,10 +19,9 @@ import pytest
 from safetensors.numpy import load_file
 
 from adacomp import checkpointing, gin_utils, training
-from adacomp.hf import importer
 from adacomp.models import build
 from tests.corpus import TINY_GIN, corpus_bindings
-from tests.hf.common import assert_logits_close, fixture, reference
+from tests.hf.common import assert_logits_close, fixture, import_fixtures, reference
 
 FAST = ("train.num_steps = 3", "train.eval_every = 0", "train.eval_batches = 2",
         "make_manager.save_every = 3", "make_optimizer.decay_steps = 3")
@@ -47,13 +46,7 @@ def _char_tokenizer(corpus_glob: str, directory: str) -> list:
 
 @pytest.fixture(scope="module", name="imported")
 def _imported(tmp_path_factory):
-  """Each fixture imported once (GPT-2 without a tokenizer: it has none): family -> workdir."""
-  root = tmp_path_factory.mktemp("imported")
-  for family in ("gpt2", "llama"):
-    tokenizer = importer.NO_TOKENIZER if family == "gpt2" else None
-    importer.import_lm(fixture(family), str(root / family), tokenizer=tokenizer,
-                       log=lambda m: None)
-  return {family: str(root / family) for family in ("gpt2", "llama")}
+  return import_fixtures(tmp_path_factory.mktemp("imported"))
 
 
 def _config(workdir: str) -> str:
