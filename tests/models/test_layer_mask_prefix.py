@@ -48,13 +48,15 @@ def test_prefix_compute_gives_the_masked_logits_and_gradients(scan):
     logits, _ = model.apply({"params": p}, ids, layer_mask=mask, mutable=["losses"])
     return jnp.sum(jnp.sin(logits) * weight)
 
-  want, got = (jax.value_and_grad(lambda p, m=m: loss(p, m))(params) for m in (masked, prefix))
+  want, got = (jax.jit(jax.value_and_grad(lambda p, m=m: loss(p, m)))(params)
+               for m in (masked, prefix))
   np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(
       a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max())), got[1], want[1])
   # Evaluation (intermediates collected) keeps the masked path: same logits either way.
-  full = masked.apply({"params": params}, ids, layer_mask=mask)
-  logits, _ = prefix.apply({"params": params}, ids, layer_mask=mask, mutable=["losses"])
+  full = jax.jit(lambda p: masked.apply({"params": p}, ids, layer_mask=mask))(params)
+  logits, _ = jax.jit(lambda p: prefix.apply({"params": p}, ids, layer_mask=mask,
+                                             mutable=["losses"]))(params)
   np.testing.assert_allclose(logits, full, rtol=1e-5, atol=1e-5)
 
 
