@@ -1,10 +1,42 @@
 """Shared test set-up: a fresh gin config for every test, the small text corpus and a run
 trained on it."""
+import os
+import shutil
+import tempfile
+
 import gin
+import jax
 import pytest
 
 # Tests parse every config, as the entry points do, so every method's configurables register.
 from adacomp.methods import registry  # pylint: disable=unused-import
+
+
+_CACHE_ENV = "ADACOMP_TEST_COMPILATION_CACHE"
+
+
+def pytest_configure(config):
+  """One persistent XLA compilation cache for the whole run, shared by the xdist workers and the
+  subprocesses tests start: many tests compile the same tiny programs (the same config trained,
+  evaluated or decoded again), and a cache hit replaces a compile. Keys hash the program and the
+  compile options, so a hit is the same executable. A fresh directory per run unless
+  ADACOMP_TEST_COMPILATION_CACHE names one to keep."""
+  if not os.environ.get(_CACHE_ENV):
+    os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix="adacomp-xla-cache-")
+    config._adacomp_cache_owner = True  # pylint: disable=protected-access
+  cache = os.environ[_CACHE_ENV]
+  # The environment reaches xdist workers and test subprocesses; the update, this process.
+  env = {"JAX_COMPILATION_CACHE_DIR": cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+  os.environ.update(env)
+  jax.config.update("jax_compilation_cache_dir", cache)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def pytest_unconfigure(config):
+  if getattr(config, "_adacomp_cache_owner", False):
+    shutil.rmtree(os.environ.pop(_CACHE_ENV), ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
