@@ -64,14 +64,19 @@ class EncoderAttention(nn.Module):
     e = jnp.exp(z)
     if mask is not None:
       e = e * mask.astype(jnp.float32)[:, None, None, :]
-    probs = e / jnp.sum(e, axis=-1, keepdims=True)
-    heads_out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
+    denominator = jnp.sum(e, axis=-1, keepdims=True)
+    # Unnormalised through the value product, heads leading, then one division per query row
+    # (layers.attention.dot_product_attention: the layout XLA's dot emitters run fast).
+    heads_out = jnp.einsum("bhqk,bkhd->bhqd", e.astype(self.dtype), v,
+                           preferred_element_type=jnp.float32) / denominator
+    heads_out = jnp.transpose(heads_out, (0, 2, 1, 3)).astype(self.dtype)
+    class_probs = e[:, :, 0, :] / denominator[:, :, 0, :]
     # AS-ViT weighs heads by the norm of this per-head output (before the projection mixes them).
     out_norms = jnp.linalg.norm(heads_out.astype(jnp.float32), axis=-1).transpose(0, 2, 1)
     out = jnp.einsum("bqhk,hkd->bqd", heads_out,
                      dense("out", (h, hd, d), ("heads", "kv", "embed")))
     out = out + bias("out_bias", (d,), ("embed",))
-    return out, probs[:, :, 0, :], out_norms
+    return out, class_probs, out_norms
 
 
 def encoder_block_macs(d_model: int, num_heads: int, head_dim: int, d_ff: int, mask):

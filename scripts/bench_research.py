@@ -28,6 +28,11 @@ Columns:
   GFLOP/s   useful FLOPs (2 x MACs per token x tokens, x3 for a training step) per second;
   %peak     GFLOP/s over this machine's jitted float32 matmul peak, measured first.
 
+Two reference rows route nothing: the dense model with d_ff / 4 and d_ff / 2 (about the FFN
+MACs of the 75% and 50% routed rows), the ratio an FFN-only saving reaches on this backend
+before any routing cost. --breakdown adds the profile: each routed FFN alone, the in-model rest
+(the dense model with d_ff 8) and the floor they give.
+
 Generation tokens/s per method is `scripts/bench_generate.py`'s table. Prints Markdown and
 writes the rows as JSON to --output. A benchmark, never a test.
 """
@@ -64,12 +69,19 @@ METHODS = {
     # Parameter tokens at the paper's research-width sizing (set per width in `measure`):
     # n = d_model for the q/k/v/out projections, 4 d_model for the FFN.
     "tokenformer": (["configs/tokenformer.gin"], [], []),
+    # References with no routing at all: the dense model with its FFN narrowed (d_ff set per
+    # width in `method_sizes`) to about the FFN MACs of the 75% / 50% routed rows. Their ratio is
+    # what an FFN-only saving reaches on this backend before any routing cost.
+    "dense d_ff/4 (no routing)": (["configs/dense.gin"], [], []),
+    "dense d_ff/2 (no routing)": (["configs/dense.gin"], [], []),
 }
 SHORT = {"dense": "dense", "duo": "duo random 0.2/0.3/0.5 (stage 1)",
          "duo_sorted": "duo random 0.2/0.3/0.5 sorted (stage 1)",
          "duo_router": "duo router 0/0.75/0.25", "informed": "informed 0.5",
          "informed75": "informed 0.75", "mod": "mod 0.5", "mod75": "mod 0.75",
-         "skipdecode": "skipdecode 2x", "tokenformer": "tokenformer"}
+         "skipdecode": "skipdecode 2x", "tokenformer": "tokenformer",
+         "dense_ff4": "dense d_ff/4 (no routing)", "dense_ff2": "dense d_ff/2 (no routing)"}
+NARROW = {"dense d_ff/4 (no routing)": 4, "dense d_ff/2 (no routing)": 2}
 
 
 def size_bindings(d_model, num_layers, seq_len):
@@ -127,6 +139,8 @@ def method_sizes(name, d_model, a):
   if name == "tokenformer":
     sizes += [f"tokenformer_attention.n_qkv = {d_model}",
               f"tokenformer_attention.n_out = {d_model}", f"tokenformer_ffn.n_ffn = {4 * d_model}"]
+  if name in NARROW:
+    sizes += [f"DecoderConfig.d_ff = {4 * d_model // NARROW[name]}"]
   return sizes
 
 
@@ -257,9 +271,8 @@ def measure(name, d_model, a):
 
 def measure_unit(name, d_model, a):
   """The inference FFN alone (the method's `ffn_cls` in its inference compute) on normed random
-  activations [batch, seq_len, d_model]: (ms, sown MACs per token). The profile of where a
-  whole-model ratio goes: the unit's own ratio, and the time of what routing does not touch
-  (attention, norms, LM head = the dense model's time less num_layers dense units)."""
+  activations [batch, seq_len, d_model]: (ms, sown MACs per token). The unit's own ratio, for
+  the profile of where a whole-model ratio goes (see `breakdown`)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax.core import meta  # pylint: disable=g-import-not-at-top
@@ -282,11 +295,31 @@ def measure_unit(name, d_model, a):
   return timed(fwd, (params, x), a.repeats), float(fwd(params, x)[1])
 
 
+def measure_rest(d_model, a):
+  """The dense model's inference forward with its FFNs all but removed (d_ff 8): (ms, MACs per
+  token). What routing an FFN does not touch (attention, norms, embedding, head), timed inside
+  the model, where it runs (the layer loop, its weight slices and its fusions)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  files = METHODS["dense"][0]
+  model, mask, _ = build(files, size_bindings(d_model, a.num_layers, a.seq_len) +
+                         ["DecoderConfig.d_ff = 8"])
+  ids = jax.random.randint(jax.random.key(1), (a.batch, a.seq_len), 0, VOCAB, jnp.int32)
+  params = _init(model, ids)
+  fwd = _forward(model, mask)
+  macs = float(fwd(params, ids)[1])
+  return timed(fwd, (params, ids), a.repeats), macs
+
+
 def breakdown(names, d_model, a, whole):
-  """Rows of the unit profile (see measure_unit) for the methods whose FFN routes."""
+  """Rows of the profile for the methods whose FFN routes: the FFN alone (measure_unit) against
+  the dense FFN alone, the in-model rest (measure_rest) and the floor they give: the t/dense the
+  whole model would have if only its FFNs changed, each by its own measured t/dense."""
   from layers.mlp import DenseFFN  # pylint: disable=g-import-not-at-top
   dense_ms, dense_macs = measure_unit("dense", d_model, a)
-  rest_ms = whole["dense"]["infer"][0] - a.num_layers * dense_ms
+  model_dense_ms, model_dense_macs = whole["dense"]["infer"][0], whole["dense"]["infer"][2]
+  rest_ms, rest_macs = measure_rest(d_model, a)
+  ffn_in_model = (model_dense_ms - rest_ms) / a.num_layers  # one dense FFN inside the model
   rows = []
   for name in names:
     files = METHODS[name][0]
@@ -297,15 +330,15 @@ def breakdown(names, d_model, a, whole):
       continue
     ms, macs = measure_unit(name, d_model, a)
     t_unit, m_unit = ms / dense_ms, macs / dense_macs
-    # What the model's time would be if only the FFNs changed, each at its own measured time:
-    # the ideal the whole-model t/dense can reach with the rest (attention, norms, head) as is.
-    model_ms = whole[name]["infer"][0]
+    model_ms, model_macs = whole[name]["infer"][0], whole[name]["infer"][2] / model_dense_macs
+    floor = (rest_ms + a.num_layers * ffn_in_model * t_unit) / model_dense_ms
     rows.append({"d_model": d_model, "method": name, "unit_ms": ms, "unit_t_rel": t_unit,
                  "unit_macs_rel": m_unit, "unit_ratio": t_unit / m_unit,
                  "dense_unit_ms": dense_ms, "rest_ms": rest_ms,
-                 "rest_share": rest_ms / whole["dense"]["infer"][0],
-                 "model_ms": model_ms,
-                 "model_vs_units": model_ms / (rest_ms + a.num_layers * ms)})
+                 "rest_share": rest_ms / model_dense_ms,
+                 "rest_macs_share": rest_macs / model_dense_macs,
+                 "model_ms": model_ms, "floor_t_rel": floor, "floor_ratio": floor / model_macs,
+                 "model_vs_floor": (model_ms / model_dense_ms) / floor})
   return rows
 
 
@@ -475,16 +508,19 @@ def main(argv=None):
           f"{_num(r['t_rel'] / r['xla_rel'], 2)} | {r['gflops']:.1f} | "
           f"{100 * r['peak_frac']:.0f}% |")
   if units:
-    print("\nInference FFN alone (unit) vs the dense FFN; rest = the dense forward less its "
-          "FFNs (attention, norms, head), unchanged by routing; model / (rest + units) = how "
-          "the whole model's time follows its parts:\n")
+    print("\nProfile of the inference rows: the FFN alone (unit) against the dense FFN alone; "
+          "rest = the dense model with d_ff 8 (attention, norms, head, inside the model), its "
+          "share of the dense time and of the dense MACs; floor = the t/dense the model would "
+          "have if only its FFNs changed, each by the unit's t/dense, and that over the MACs; "
+          "model / floor = what the assembled model adds:\n")
     print("| d_model | method | unit ms | dense unit ms | unit t/dense | unit MACs | unit ratio "
-          "| rest share of dense | model / (rest + units) |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+          "| rest time share | rest MAC share | floor ratio | model / floor |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in units:
       print(f"| {r['d_model']} | {r['method']} | {r['unit_ms']:.2f} | {r['dense_unit_ms']:.2f} "
             f"| {r['unit_t_rel']:.3f} | {r['unit_macs_rel']:.3f} | {r['unit_ratio']:.2f} | "
-            f"{r['rest_share']:.2f} | {r['model_vs_units']:.2f} |")
+            f"{r['rest_share']:.2f} | {r['rest_macs_share']:.2f} | {r['floor_ratio']:.2f} | "
+            f"{r['model_vs_floor']:.2f} |")
   if a.output:
     with open(a.output, "w") as f:
       json.dump({"peak_gflops": peak, "rows": rows, "units": units}, f, indent=2)

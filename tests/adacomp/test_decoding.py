@@ -2,9 +2,9 @@
 
 Each config is parsed as the entry points parse it, shrunk to a tiny size, with routed units in
 causal mode (what eval.py and scripts/generate.py use). For every one: the logits are causal
-(exactly), KV-cache decoding equals the teacher-forced forward pass at every position (under the
-SkipDecode schedule where the config has one), and a row's logits do not depend on the other
-rows of its batch.
+(exactly; to float32 rounding with routed attention), KV-cache decoding equals the
+teacher-forced forward pass at every position (under the SkipDecode schedule where the config
+has one), and a row's logits do not depend on the other rows of its batch.
 """
 import functools
 
@@ -97,7 +97,13 @@ def test_logits_before_p_ignore_the_tokens_from_p_on(name):
   other = tokens.at[:, 7:].set((tokens[:, 7:] + 5) % VOCAB)
   a = np.asarray(_forward(apply, params, tokens, layer_mask))
   b = np.asarray(_forward(apply, params, other, layer_mask))
-  np.testing.assert_array_equal(a[:, :7], b[:, :7])
+  if name == "mod_attention":
+    # Routed attention runs the executed tokens in a bucket of slots sized by how many the
+    # whole batch executes, so another future can change the length of the value product's
+    # sum: float32 rounding (the future keys' weights are exactly 0), not information.
+    np.testing.assert_allclose(a[:, :7], b[:, :7], rtol=1e-5, atol=1e-6)
+  else:
+    np.testing.assert_array_equal(a[:, :7], b[:, :7])
   assert not np.allclose(a[:, 7:], b[:, 7:])
 
 

@@ -104,3 +104,37 @@ def test_rotate_half_layout_is_the_interleaved_rotation_on_permuted_features():
   half = apply_rope(x, positions, layout="half")
   interleaved = apply_rope(x[..., order], positions, layout="interleaved")
   np.testing.assert_allclose(half[..., order], interleaved, rtol=1e-6, atol=1e-6)
+
+
+def _softmax_attention(q, k, v, mask):
+  """softmax(q k^T / sqrt(d) masked) v per head, kv heads repeated for grouped queries."""
+  rep = q.shape[2] // k.shape[2]
+  k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
+  s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+  p = jax.nn.softmax(jnp.where(mask, s, -jnp.inf), axis=-1)
+  return jnp.einsum("bhqk,bkhd->bqhd", p, v)
+
+
+def test_attention_values_and_gradients_match_the_softmax_formula():
+  # dot_product_attention defers the softmax normalisation past the value product and keeps
+  # heads leading (the layout XLA runs fast); it must be the same function, gradients too.
+  from layers.attention import causal_mask, dot_product_attention  # pylint: disable=g-import-not-at-top
+  b, t, hd = 2, 9, 8
+  positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+  weights = jax.random.normal(jax.random.key(9), (b, t, 4, hd))
+  for kv, window in ((4, None), (2, None), (4, 3), (1, 4)):
+    q = jax.random.normal(jax.random.key(kv), (b, t, 4, hd))
+    k = jax.random.normal(jax.random.key(kv + 10), (b, t, kv, hd))
+    v = jax.random.normal(jax.random.key(kv + 20), (b, t, kv, hd))
+    mask = causal_mask(positions, positions, window)
+    got = dot_product_attention(q, k, v, mask)
+    np.testing.assert_allclose(got, _softmax_attention(q, k, v, mask), rtol=1e-5, atol=1e-6)
+    loss = lambda f: lambda *qkv: jnp.sum(f(*qkv, mask) * weights)
+    got_g = jax.grad(loss(dot_product_attention), argnums=(0, 1, 2))(q, k, v)
+    want_g = jax.grad(loss(_softmax_attention), argnums=(0, 1, 2))(q, k, v)
+    for g, w in zip(got_g, want_g):
+      np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+    # bfloat16 activations: the same function to bfloat16's precision.
+    bf = dot_product_attention(*(a.astype(jnp.bfloat16) for a in (q, k, v)), mask, jnp.bfloat16)
+    assert bf.dtype == jnp.bfloat16
+    np.testing.assert_allclose(bf.astype(jnp.float32), got, atol=0.06)
