@@ -463,7 +463,8 @@ def main(argv=None):
     dense = results["dense"]
     if a.breakdown and "infer" in dense:
       units += breakdown(names, d, a, results)
-    dense_macs = dense["infer"][2] if "infer" in dense else None
+    # MACs per token of the dense model: its forward's, or (training only) from the mask pass.
+    dense_macs = dense["infer"][2] if "infer" in dense else _mask_macs("dense", d, a)
     for name, res in results.items():
       # MACs per token of the inference model; SkipDecode's from its layer mask, as trained.
       own = res["infer"][2] if "infer" in res else _mask_macs(name, d, a)
