@@ -24,14 +24,14 @@ def pytest_configure(config):
   if not os.environ.get(_CACHE_ENV):
     os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix="adacomp-xla-cache-")
     config._adacomp_cache_owner = True  # pylint: disable=protected-access
-  cache = os.environ[_CACHE_ENV]
-  # The environment reaches xdist workers and test subprocesses; the update, this process.
-  env = {"JAX_COMPILATION_CACHE_DIR": cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
-  os.environ.update(env)
-  jax.config.update("jax_compilation_cache_dir", cache)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+  settings = {"jax_compilation_cache_dir": os.environ[_CACHE_ENV],
+              "jax_persistent_cache_min_compile_time_secs": 0,  # cache every compile
+              "jax_persistent_cache_min_entry_size_bytes": -1}
+  for name, value in settings.items():
+    # The environment (JAX reads each option's upper-cased name) reaches xdist workers and
+    # test subprocesses; the update, this process.
+    os.environ[name.upper()] = str(value)
+    jax.config.update(name, value)
 
 
 def pytest_unconfigure(config):
