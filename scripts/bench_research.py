@@ -172,6 +172,13 @@ def _forward(model, mask):
   return jax.jit(forward)
 
 
+def _time_forward(model, mask, params, ids, repeats):
+  """(median ms, mean sown MACs per token) of the evaluation forward pass (`_forward`)."""
+  fwd = _forward(model, mask)
+  macs = float(fwd(params, ids)[1])
+  return timed(fwd, (params, ids), repeats), macs
+
+
 def _init(model, ids, tx=None, abstract=False):
   """Fresh params (and a train state when tx is given); shapes only when `abstract`."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -248,10 +255,7 @@ def measure(name, d_model, a):
     out["train"] = (ms, unrolled_flops(files, sizes + train_b, "train", ids, batch))
   if "infer" in a.modes and infer_b is not None:
     model, mask, _ = build(files, sizes + train_b + infer_b)
-    params = _init(model, ids)
-    fwd = _forward(model, mask)
-    macs = float(fwd(params, ids)[1])
-    ms = timed(fwd, (params, ids), a.repeats)
+    ms, macs = _time_forward(model, mask, _init(model, ids), ids, a.repeats)
     out["infer"] = (ms, unrolled_flops(files, sizes + train_b + infer_b, "infer", ids, batch),
                     macs)
     if any(b.startswith("routed_ffn.compute") for b in infer_b):
@@ -261,9 +265,7 @@ def measure(name, d_model, a):
       model, mask, _ = build(files, causal_b)
       sparsity = model.config.ffn_cls.keywords["sparsity"]  # the bound routed_ffn
       params, frac = calibrate_causal(model, _init(model, ids), ids, sparsity)
-      fwd = _forward(model, mask)
-      macs = float(fwd(params, ids)[1])
-      ms = timed(fwd, (params, ids), a.repeats)
+      ms, macs = _time_forward(model, mask, params, ids, a.repeats)
       out["infer causal"] = (ms, unrolled_flops(files, causal_b, "infer", ids, batch), macs,
                              float(np.mean(frac)))
   return out
@@ -305,10 +307,7 @@ def measure_rest(d_model, a):
   model, mask, _ = build(files, size_bindings(d_model, a.num_layers, a.seq_len) +
                          ["DecoderConfig.d_ff = 8"])
   ids = jax.random.randint(jax.random.key(1), (a.batch, a.seq_len), 0, VOCAB, jnp.int32)
-  params = _init(model, ids)
-  fwd = _forward(model, mask)
-  macs = float(fwd(params, ids)[1])
-  return timed(fwd, (params, ids), a.repeats), macs
+  return _time_forward(model, mask, _init(model, ids), ids, a.repeats)
 
 
 def breakdown(names, d_model, a, whole):
