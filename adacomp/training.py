@@ -233,11 +233,14 @@ class SpikeDetector:
   parameters up shows in the loss only one step later, after step s-1 may have been saved; the
   parameter norm is checked too, against a history that starts with the norm of the starting
   parameters, so that such a step is never kept as the last good one. The history restarts on
-  resume. factor None switches the check off.
+  resume. factor None switches the check off. A loss at or below `min_loss` is never a spike:
+  near zero (a fitted classifier's 0.007 nats) a tenfold rise is ordinary noise, not an
+  explosion, which drives the loss up by whole nats.
   """
 
-  def __init__(self, factor: Optional[float], window: int, warmup: int):
+  def __init__(self, factor: Optional[float], window: int, warmup: int, min_loss: float = 1.0):
     self.factor, self.window, self.warmup = factor, window, warmup
+    self.min_loss = min_loss
     self.history = {"loss": [], "param_norm": []}
 
   def start(self, param_norm: float) -> None:
@@ -253,7 +256,7 @@ class SpikeDetector:
       past = self.history[name]
       if len(past) >= self.warmup:
         median = statistics.median(past)
-        if value > self.factor * median:
+        if value > self.factor * median and (name != "loss" or value > self.min_loss):
           raise _diverged(
               f"{label} spiked to {value:.4g}, {value / median:.3g} times the median {median:.4g}"
               f" of the last {len(past)} step(s) (train.spike_factor={self.factor:g})", step,
@@ -298,7 +301,7 @@ def train(workdir: str, *, num_steps: int = gin.REQUIRED, batch_size: int = 16,
           init_checkpoint: Optional[str] = None, task_loss_weight: float = 1.0,
           task: str = "lm", profile_steps: Optional[Tuple[int, int]] = None,
           spike_factor: Optional[float] = 10.0, spike_window: int = 50,
-          spike_warmup: int = 1) -> dict:
+          spike_warmup: int = 1, spike_min_loss: float = 1.0) -> dict:
   """Trains the gin-configured model in `workdir`; returns the final evaluation summary.
 
   `init_checkpoint` (a workdir or its checkpoints/ folder) starts a new run from another run's
@@ -312,7 +315,8 @@ def train(workdir: str, *, num_steps: int = gin.REQUIRED, batch_size: int = 16,
   `<workdir>/profile` (open it with TensorBoard's profile plugin or Perfetto).
   `spike_factor`: a loss (or parameter norm) above this many times the median of the last
   `spike_window` steps stops the run before it saves, like a NaN (None: off; the check starts
-  once `spike_warmup` steps are in the window).
+  once `spike_warmup` steps are in the window); a loss at or below `spike_min_loss` is never a
+  spike (a tenfold rise near zero is noise: AS-ViT's first pruned steps from a fitted ViT).
   The returned summary also names the run's `checkpoint_dir`.
 
   Order: every argument, the data, the model and any checkpoint to resume or start from are
@@ -322,7 +326,8 @@ def train(workdir: str, *, num_steps: int = gin.REQUIRED, batch_size: int = 16,
   _check_arguments(num_steps=num_steps, batch_size=batch_size, seq_len=seq_len,
                    log_every=log_every, eval_every=eval_every, eval_batches=eval_batches,
                    profile_steps=profile_steps, spike_factor=spike_factor,
-                   spike_window=spike_window, spike_warmup=spike_warmup)
+                   spike_window=spike_window, spike_warmup=spike_warmup,
+                   spike_min_loss=spike_min_loss)
   existed = epath.Path(workdir).exists()
   workdir_path = checkpointing.ensure_writable(workdir)
   # Only process 0 takes the lock: the processes of one multi-process run share the workdir.
@@ -335,7 +340,8 @@ def train(workdir: str, *, num_steps: int = gin.REQUIRED, batch_size: int = 16,
                   eval_batches=eval_batches, peak_flops_per_device=peak_flops_per_device,
                   model_config=model_config, init_checkpoint=init_checkpoint,
                   task_loss_weight=task_loss_weight, task=task, profile_steps=profile_steps,
-                  spikes=SpikeDetector(spike_factor, spike_window, spike_warmup))
+                  spikes=SpikeDetector(spike_factor, spike_window, spike_warmup,
+                                       spike_min_loss))
   except OSError as e:
     if e.errno not in (errno.ENOSPC, errno.EDQUOT):
       raise
@@ -351,7 +357,8 @@ def train(workdir: str, *, num_steps: int = gin.REQUIRED, batch_size: int = 16,
 
 
 def _check_arguments(*, num_steps, batch_size, seq_len, log_every, eval_every, eval_batches,
-                     profile_steps, spike_factor, spike_window, spike_warmup) -> None:
+                     profile_steps, spike_factor, spike_window, spike_warmup,
+                     spike_min_loss=1.0) -> None:
   """Every count, interval and rate of a run, before anything is written."""
   arguments.check_int("train.num_steps", num_steps, 1)
   arguments.check_int("train.batch_size", batch_size, 1)
@@ -366,6 +373,10 @@ def _check_arguments(*, num_steps, batch_size, seq_len, log_every, eval_every, e
                        f"recent median loss), or None to switch the spike check off.")
   arguments.check_int("train.spike_window", spike_window, 1)
   arguments.check_int("train.spike_warmup", spike_warmup, 1)
+  if not (isinstance(spike_min_loss, (int, float)) and math.isfinite(spike_min_loss)
+          and spike_min_loss >= 0):
+    raise ValueError(f"train.spike_min_loss={spike_min_loss!r}: must be a finite number >= 0 "
+                     f"(losses at or below it never count as spikes; 0 checks every loss).")
   if profile_steps is not None:
     if (not isinstance(profile_steps, (tuple, list)) or len(profile_steps) != 2 or
         not all(isinstance(x, int) and not isinstance(x, bool) for x in profile_steps)):

@@ -225,21 +225,37 @@ def test_finite_explosion_stops_before_it_is_saved(corpus, tmp_path):
   assert norms and max(norms) < 10 * norms[0], (steps, norms)
 
 
+class _Manager:
+  """The checkpoint manager's surface a divergence error reads."""
+  directory = "/ckpt"
+
+  def wait_until_finished(self):
+    pass
+
+  def latest_step(self):
+    return 4
+
+
 def test_spike_detector_compares_with_the_running_median():
-  class Manager:
-    directory = "/ckpt"
-
-    def wait_until_finished(self):
-      pass
-
-    def latest_step(self):
-      return 4
-
   spikes = training.SpikeDetector(factor=10.0, window=3, warmup=2)
   for step, loss in enumerate([5.0, 4.0, 3.0, 25.0], start=1):
-    spikes.check(step, {"loss": loss}, Manager())
+    spikes.check(step, {"loss": loss}, _Manager())
   with pytest.raises(training.TrainingDivergedError, match=r"Loss spiked to 300, 75 times the median 4 .* at step 5"):
-    spikes.check(5, {"loss": 300.0}, Manager())
+    spikes.check(5, {"loss": 300.0}, _Manager())
+
+
+def test_spike_detector_ignores_a_tenfold_rise_near_zero_loss():
+  # AS-ViT from a fitted ViT: 0.007 nats, then 0.08 when pruning starts. Not an explosion.
+  spikes = training.SpikeDetector(factor=10.0, window=5, warmup=1)
+  for step, loss in enumerate([0.008, 0.007, 0.0074, 0.007, 0.009, 0.08, 0.5], start=1):
+    spikes.check(step, {"loss": loss}, _Manager())
+  with pytest.raises(training.TrainingDivergedError, match=r"Loss spiked to 2"):
+    spikes.check(8, {"loss": 2.0}, _Manager())
+  strict = training.SpikeDetector(factor=10.0, window=5, warmup=1, min_loss=0.0)
+  for step, loss in enumerate([0.008, 0.007, 0.0074], start=1):
+    strict.check(step, {"loss": loss}, _Manager())
+  with pytest.raises(training.TrainingDivergedError, match=r"Loss spiked to 0.08"):
+    strict.check(4, {"loss": 0.08}, _Manager())
 
 
 # -- 7. data and disk ------------------------------------------------------------------------
