@@ -24,9 +24,11 @@ def check_optional_int(name: str, value, minimum: int, none_means: str) -> None:
     check_int(name, value, minimum, f" (or None for {none_means})")
 
 
-def check_rate(name: str, value) -> None:
+def check_rate(name: str, value, allow_zero: bool = False, why: str = "") -> None:
+  """A finite float > 0 (>= 0 with `allow_zero`); `why` is added to the range error."""
   if isinstance(value, bool) or not isinstance(value, (int, float)):
     raise BindingTypeError(f"{name}={value!r}: expected a float, got {type(value).__name__}. "
                            f"Bind it without quotes, e.g. {name} = 3e-3.")
-  if not math.isfinite(value) or value <= 0:
-    raise ValueError(f"{name}={value}: must be a finite number > 0, e.g. 3e-3.")
+  if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+    raise ValueError(f"{name}={value}: must be a finite number {'>=' if allow_zero else '>'} 0, "
+                     f"e.g. 3e-3.{why}")

@@ -241,12 +241,14 @@ def run_pareto(entries: Sequence[Entry], output_dir: str, *, split: str = "valid
 
 
 def format_table(result: dict) -> str:
-  lines = ["| entry | quality | compute vs dense | time vs dense | timed as |",
-           "|---|---:|---:|---:|---|"]
+  lines = ["| entry | quality | compute vs its dense reference | time vs its dense reference "
+           "| timed as |", "|---|---:|---:|---:|---|"]
   for r in result["rows"]:
     t = "-" if r["time"] is None else f"{r['time']:.2f}"
     # A routed entry evaluated with the per-sequence top-k is not reachable when generating.
     note = " (top-k, not causal)" if r.get("routing") == "topk" else ""
+    if r.get("reference") not in (None, r["label"]):
+      note += f" (vs {r['reference']})"
     lines.append(f"| {r['label']}{note} | {r['quality']:.3f} {r['quality_name']} | "
                  f"{r['compute']:.3f} | {t} | {r['timing']} |")
   return "\n".join(lines)

@@ -358,7 +358,7 @@ def train(workdir: str, *, num_steps: int = gin.REQUIRED, batch_size: int = 16,
 
 def _check_arguments(*, num_steps, batch_size, seq_len, log_every, eval_every, eval_batches,
                      profile_steps, spike_factor, spike_window, spike_warmup,
-                     spike_min_loss=1.0) -> None:
+                     spike_min_loss) -> None:
   """Every count, interval and rate of a run, before anything is written."""
   arguments.check_int("train.num_steps", num_steps, 1)
   arguments.check_int("train.batch_size", batch_size, 1)
@@ -373,10 +373,8 @@ def _check_arguments(*, num_steps, batch_size, seq_len, log_every, eval_every, e
                        f"recent median loss), or None to switch the spike check off.")
   arguments.check_int("train.spike_window", spike_window, 1)
   arguments.check_int("train.spike_warmup", spike_warmup, 1)
-  if not (isinstance(spike_min_loss, (int, float)) and math.isfinite(spike_min_loss)
-          and spike_min_loss >= 0):
-    raise ValueError(f"train.spike_min_loss={spike_min_loss!r}: must be a finite number >= 0 "
-                     f"(losses at or below it never count as spikes; 0 checks every loss).")
+  arguments.check_rate("train.spike_min_loss", spike_min_loss, allow_zero=True,
+                       why=" Losses at or below it never count as spikes; 0 checks every loss.")
   if profile_steps is not None:
     if (not isinstance(profile_steps, (tuple, list)) or len(profile_steps) != 2 or
         not all(isinstance(x, int) and not isinstance(x, bool) for x in profile_steps)):

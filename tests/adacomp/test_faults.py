@@ -258,6 +258,17 @@ def test_spike_detector_ignores_a_tenfold_rise_near_zero_loss():
     strict.check(4, {"loss": 0.08}, _Manager())
 
 
+
+def test_spike_min_loss_is_checked_before_the_run():
+  from adacomp import arguments
+  ok = dict(num_steps=10, batch_size=2, seq_len=16, log_every=1, eval_every=5, eval_batches=1,
+            profile_steps=None, spike_factor=10.0, spike_window=5, spike_warmup=1)
+  training._check_arguments(**ok, spike_min_loss=0)  # 0: every loss is checked
+  with pytest.raises(ValueError, match=r"train.spike_min_loss=-1.0: must be a finite number >= 0"):
+    training._check_arguments(**ok, spike_min_loss=-1.0)
+  with pytest.raises(arguments.BindingTypeError, match=r"train.spike_min_loss='1': expected a float"):
+    training._check_arguments(**ok, spike_min_loss="1")
+
 # -- 7. data and disk ------------------------------------------------------------------------
 
 def test_corrupt_data_file_names_the_file(corpus, tmp_path):

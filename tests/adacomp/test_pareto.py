@@ -96,6 +96,18 @@ def test_skipdecode_entries_are_timed_generating_and_the_rest_forward(result):
   assert {r["label"]: r for r in saved} == rows
 
 
+
+def test_table_names_each_entrys_own_reference():
+  row = dict(quality=3.5, quality_name="bits per byte", compute=0.5, time=0.4, timing="generate")
+  table = pareto.format_table({"rows": [
+      dict(row, label="dense 12 layers", reference="dense 12 layers"),
+      dict(row, label="skip 2x", reference="dense 12 layers"),
+      dict(row, label="informed", reference="dense", routing="topk")]}).splitlines()
+  assert "vs its dense reference" in table[0]
+  assert table[2].startswith("| dense 12 layers | ")
+  assert table[3].startswith("| skip 2x (vs dense 12 layers) | 3.500 bits per byte | 0.500 | 0.40 |")
+  assert table[4].startswith("| informed (top-k, not causal) (vs dense) | ")
+
 def test_plot_is_the_two_panel_figure_with_drawn_points(result):
   import matplotlib.image  # pylint: disable=g-import-not-at-top
   root, _ = result
