@@ -18,7 +18,9 @@ dense decoder of the same shape:
 
 Columns:
   ms        median wall time (--repeats calls after 2 warm-up calls);
-  t/dense   time over the dense model's at the same width (same mode);
+  t/dense   time over the dense model's at the same width (same mode): the median of per-round
+            ratios, each method's calls interleaved with the dense model's (ABBA), so the
+            host's drifting speed divides out;
   MACs      the sown MACs per token over dense's: the ideal t/dense;
   ratio     (t/dense) / MACs: 1.00 means the time follows the arithmetic, the issue's bar is 1.15;
   XLA       XLA's compiled FLOPs over dense's (cost_analysis of the same step with the layers
@@ -30,14 +32,17 @@ Columns:
 
 Two reference rows route nothing: the dense model with d_ff / 4 and d_ff / 2 (about the FFN
 MACs of the 75% and 50% routed rows), the ratio an FFN-only saving reaches on this backend
-before any routing cost. --breakdown adds the profile: each routed FFN alone, the in-model rest
-(the dense model with d_ff 8) and the floor they give.
+before any routing cost. A second table gives each training step's CPU time (user: the
+arithmetic; sys: mostly page faults) and its user time over dense's. --breakdown adds the
+profile: each routed FFN alone, the in-model rest (the dense model with d_ff 8) and the floor
+they give.
 
 Generation tokens/s per method is `scripts/bench_generate.py`'s table. Prints Markdown and
 writes the rows as JSON to --output. A benchmark, never a test.
 """
 import argparse
 import json
+import resource
 import statistics
 import sys
 import time
@@ -94,16 +99,45 @@ def size_bindings(d_model, num_layers, seq_len):
           f"schedule_for_speedup.warmup_len = {max(1, seq_len // 8)}"]
 
 
-def timed(fn, args, repeats):
+def _once(fn, args):
+  """(wall s, user s, sys s) of one call, to its results: getrusage counts every thread of the
+  process, so user is the arithmetic of XLA's threads and sys mostly the page faults of fresh
+  buffers (on this VM a large and noisy part of a training step at d_model 1024)."""
   import jax  # pylint: disable=g-import-not-at-top
+  r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  t1, r1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+  return t1 - t0, r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime
+
+
+def timed_stats(fn, args, repeats, ref=None):
+  """Median wall, user and sys ms of `repeats` calls after 2 warm-up calls. With `ref` (fn,
+  args) the reference runs in the same rounds, interleaved (ABBA order), and `rel` is the median
+  of the per-round time ratios: a drift of the host's speed (20-30% within minutes on this VM)
+  hits both sides of each ratio instead of one row of the table."""
+  calls = [(fn, args)] + ([ref] if ref else [])
   for _ in range(2):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return 1000 * statistics.median(times)
+    for f, x in calls:
+      _once(f, x)
+  own, other = [], []
+  for i in range(repeats):
+    order = range(len(calls)) if i % 2 == 0 else reversed(range(len(calls)))
+    got = {k: _once(*calls[k]) for k in order}
+    own.append(got[0])
+    if ref:
+      other.append(got[1])
+  med = lambda xs, k: 1000 * statistics.median(x[k] for x in xs)
+  out = {"ms": med(own, 0), "user_ms": med(own, 1), "sys_ms": med(own, 2)}
+  if ref:
+    out["ref_ms"] = med(other, 0)
+    out["rel"] = statistics.median(a[0] / b[0] for a, b in zip(own, other))
+    out["user_rel"] = statistics.median(a[1] / max(b[1], 1e-9) for a, b in zip(own, other))
+  return out
+
+
+def timed(fn, args, repeats):
+  """Median wall ms of `repeats` calls after 2 warm-up calls."""
+  return timed_stats(fn, args, repeats)["ms"]
 
 
 def compiled_flops(jitted, args):
@@ -188,11 +222,13 @@ def _forward(model, mask):
   return jax.jit(forward)
 
 
-def _time_forward(model, mask, params, ids, repeats):
-  """(median ms, mean sown MACs per token) of the evaluation forward pass (`_forward`)."""
+def _time_forward(model, mask, params, ids, repeats, ref=None):
+  """timed_stats of the evaluation forward pass (`_forward`), with "macs" (its mean sown MACs
+  per token) and "fn", "args" (the call, for the rows that interleave with it)."""
   fwd = _forward(model, mask)
   macs = float(fwd(params, ids)[1])
-  return timed(fwd, (params, ids), repeats), macs
+  return dict(timed_stats(fwd, (params, ids), repeats, ref), macs=macs, fn=fwd,
+              args=(params, ids))
 
 
 def _init(model, ids, tx=None, abstract=False):
@@ -251,8 +287,11 @@ def unrolled_flops(files, bindings, mode, ids, batch):
   return compiled_flops(_forward(model, mask), (_init(model, ids, abstract=True), ids))
 
 
-def measure(name, d_model, a):
-  """{'train': (ms, xla flops), 'infer': (ms, xla flops, macs/token)} for one method."""
+def measure(name, d_model, a, refs):
+  """{'train': stats, 'infer': stats, 'infer causal': stats} for one method: timed_stats dicts
+  with "flops" (XLA's, unrolled), "macs" (sown, per token; inference) and "executed" (causal).
+  The dense method fills `refs` with its timed calls; every other method's calls are
+  interleaved with them (timed_stats' `ref`), so its `rel` is a paired ratio."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   files, train_b, infer_b = METHODS[name]
@@ -261,19 +300,25 @@ def measure(name, d_model, a):
   batch = {"inputs": ids, "targets": jnp.roll(ids, -1, axis=1),
            "weights": jnp.ones(ids.shape, jnp.float32),
            "target_bytes": jnp.ones(ids.shape, jnp.float32)}
+  is_ref = name == "dense"
   out = {}
   if "train" in a.modes:
     model, mask, tx = build(files, sizes + train_b)
     state = _init(model, ids, tx)
-    step = _train_step(model, mask, tx, state.params)
-    ms = timed(_stepper(step, state), (batch,), a.repeats)
-    del state
-    out["train"] = (ms, unrolled_flops(files, sizes + train_b, "train", ids, batch))
+    run = _stepper(_train_step(model, mask, tx, state.params), state)
+    del state  # the stepper holds (and donates) it
+    out["train"] = dict(timed_stats(run, (batch,), a.repeats, None if is_ref else refs["train"]),
+                        flops=unrolled_flops(files, sizes + train_b, "train", ids, batch))
+    if is_ref:
+      refs["train"] = (run, (batch,))
   if "infer" in a.modes and infer_b is not None:
     model, mask, _ = build(files, sizes + train_b + infer_b)
-    ms, macs = _time_forward(model, mask, _init(model, ids), ids, a.repeats)
-    out["infer"] = (ms, unrolled_flops(files, sizes + train_b + infer_b, "infer", ids, batch),
-                    macs)
+    res = _time_forward(model, mask, _init(model, ids), ids, a.repeats,
+                        None if is_ref else refs["infer"])
+    if is_ref:
+      refs["infer"] = (res["fn"], res["args"])
+    out["infer"] = dict(res, flops=unrolled_flops(files, sizes + train_b + infer_b, "infer", ids,
+                                                  batch))
     if any(b.startswith("routed_ffn.compute") for b in infer_b):
       # What generation and eval.py run: causal decisions (gather compute: the executed
       # tokens in a power-of-two bucket of slots), thresholds calibrated to the sparsity.
@@ -281,16 +326,20 @@ def measure(name, d_model, a):
       model, mask, _ = build(files, causal_b)
       sparsity = model.config.ffn_cls.keywords["sparsity"]  # the bound routed_ffn
       params, frac = calibrate_causal(model, _init(model, ids), ids, sparsity)
-      ms, macs = _time_forward(model, mask, params, ids, a.repeats)
-      out["infer causal"] = (ms, unrolled_flops(files, causal_b, "infer", ids, batch), macs,
-                             float(np.mean(frac)))
+      res = _time_forward(model, mask, params, ids, a.repeats, refs["infer"])
+      out["infer causal"] = dict(res, flops=unrolled_flops(files, causal_b, "infer", ids, batch),
+                                 executed=float(np.mean(frac)))
+  for res in out.values():  # the calls are not kept past this method, except the reference's
+    res.pop("fn", None)
+    res.pop("args", None)
   return out
 
 
-def measure_unit(name, d_model, a):
+def measure_unit(name, d_model, a, ref=None):
   """The inference FFN alone (the method's `ffn_cls` in its inference compute) on normed random
-  activations [batch, seq_len, d_model]: (ms, sown MACs per token). The unit's own ratio, for
-  the profile of where a whole-model ratio goes (see `breakdown`)."""
+  activations [batch, seq_len, d_model]: timed_stats (interleaved with `ref`, the dense unit's
+  call, when given) with "macs" (sown, per token) and "fn", "args" (the call). The unit's own
+  ratio, for the profile of where a whole-model ratio goes (see `breakdown`)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax.core import meta  # pylint: disable=g-import-not-at-top
@@ -310,31 +359,36 @@ def measure_unit(name, d_model, a):
     return y, (jnp.mean(macs[0]) if macs else jnp.float32(2 * d_model * cfg.d_ff))
 
   fwd = jax.jit(forward)
-  return timed(fwd, (params, x), a.repeats), float(fwd(params, x)[1])
+  return dict(timed_stats(fwd, (params, x), a.repeats, ref), macs=float(fwd(params, x)[1]),
+              fn=fwd, args=(params, x))
 
 
-def measure_rest(d_model, a):
-  """The dense model's inference forward with its FFNs all but removed (d_ff 8): (ms, MACs per
-  token). What routing an FFN does not touch (attention, norms, embedding, head), timed inside
-  the model, where it runs (the layer loop, its weight slices and its fusions)."""
+def measure_rest(d_model, a, ref=None):
+  """The dense model's inference forward with its FFNs all but removed (d_ff 8), interleaved
+  with `ref` (the dense model's forward) when given: (stats, MACs per token). What routing an
+  FFN does not touch (attention, norms, embedding, head), timed inside the model, where it runs
+  (the layer loop, its weight slices and its fusions)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   files = METHODS["dense"][0]
   model, mask, _ = build(files, size_bindings(d_model, a.num_layers, a.seq_len) +
                          ["DecoderConfig.d_ff = 8"])
   ids = jax.random.randint(jax.random.key(1), (a.batch, a.seq_len), 0, VOCAB, jnp.int32)
-  return _time_forward(model, mask, _init(model, ids), ids, a.repeats)
+  res = _time_forward(model, mask, _init(model, ids), ids, a.repeats, ref)
+  return res, res["macs"]
 
 
-def breakdown(names, d_model, a, whole):
+def breakdown(names, d_model, a, whole, dense_forward):
   """Rows of the profile for the methods whose FFN routes: the FFN alone (measure_unit) against
-  the dense FFN alone, the in-model rest (measure_rest) and the floor they give: the t/dense the
-  whole model would have if only its FFNs changed, each by its own measured t/dense."""
+  the dense FFN alone, the in-model rest (measure_rest, against `dense_forward`, the dense
+  model's timed call) and the floor they give: the t/dense the whole model would have if only
+  its FFNs changed, each by its own measured t/dense. Every ratio is a paired one."""
   from layers.mlp import DenseFFN  # pylint: disable=g-import-not-at-top
-  dense_ms, dense_macs = measure_unit("dense", d_model, a)
-  model_dense_ms, model_dense_macs = whole["dense"]["infer"][0], whole["dense"]["infer"][2]
-  rest_ms, rest_macs = measure_rest(d_model, a)
-  ffn_in_model = (model_dense_ms - rest_ms) / a.num_layers  # one dense FFN inside the model
+  dense = measure_unit("dense", d_model, a)
+  dense_macs, dense_call = dense["macs"], (dense["fn"], dense["args"])
+  model_dense_macs = whole["dense"]["infer"]["macs"]
+  rest, rest_macs = measure_rest(d_model, a, dense_forward)
+  rest_rel = rest["rel"]  # the rest's share of the dense forward's time
   rows = []
   for name in names:
     files = METHODS[name][0]
@@ -343,17 +397,18 @@ def breakdown(names, d_model, a, whole):
     model, _, _ = build(files, method_sizes(name, d_model, a) + METHODS[name][1])
     if model.config.ffn_cls is DenseFFN:
       continue
-    ms, macs = measure_unit(name, d_model, a)
-    t_unit, m_unit = ms / dense_ms, macs / dense_macs
-    model_ms, model_macs = whole[name]["infer"][0], whole[name]["infer"][2] / model_dense_macs
-    floor = (rest_ms + a.num_layers * ffn_in_model * t_unit) / model_dense_ms
+    unit = measure_unit(name, d_model, a, dense_call)  # interleaved with the dense unit
+    ms, macs = unit["ms"], unit["macs"]
+    t_unit, m_unit = unit["rel"], macs / dense_macs
+    res = whole[name]["infer"]
+    model_macs = res["macs"] / model_dense_macs
+    floor = rest_rel + (1 - rest_rel) * t_unit  # the rest as it is, each FFN by its unit
     rows.append({"d_model": d_model, "method": name, "unit_ms": ms, "unit_t_rel": t_unit,
                  "unit_macs_rel": m_unit, "unit_ratio": t_unit / m_unit,
-                 "dense_unit_ms": dense_ms, "rest_ms": rest_ms,
-                 "rest_share": rest_ms / model_dense_ms,
+                 "dense_unit_ms": unit["ref_ms"], "rest_ms": rest["ms"], "rest_share": rest_rel,
                  "rest_macs_share": rest_macs / model_dense_macs,
-                 "model_ms": model_ms, "floor_t_rel": floor, "floor_ratio": floor / model_macs,
-                 "model_vs_floor": (model_ms / model_dense_ms) / floor})
+                 "model_ms": res["ms"], "floor_t_rel": floor, "floor_ratio": floor / model_macs,
+                 "model_vs_floor": res["rel"] / floor})
   return rows
 
 
@@ -381,7 +436,8 @@ def _vit_macs(cfg, capacity):
 
 
 def measure_vit(d_model, a):
-  """{name: (ms, xla flops, macs per image)} for the dense ViT and each AS-ViT budget."""
+  """{name: timed_stats with "flops", "macs" (per image), "images"} for the dense ViT and each
+  AS-ViT budget, the budgets interleaved with the dense ViT."""
   import dataclasses  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -394,30 +450,31 @@ def measure_vit(d_model, a):
                       threshold_init=(0.003, 0.006, 0.009))
   images = max(1, a.batch * a.seq_len // (cfg.num_patches + 1))
   x = jax.random.normal(jax.random.key(3), (images, 224, 224, 3), jnp.float32)
-  out = {}
+  out, ref = {}, None
   for name, keep in [("vit dense", None)] + list(VIT_BUDGETS.items()):
     model = vit.ViT(cfg if keep else dataclasses.replace(cfg, prune_after=(), threshold_init=()))
     params = model.init(jax.random.key(0), x[:1])["params"]
     capacity = None if keep is None else tuple(int(f * cfg.num_patches) for f in keep)
     fn = jax.jit(lambda p, x, m=model, c=capacity: m.apply({"params": p}, x, capacity=c))
-    out[name] = (timed(fn, (params, x), a.repeats), compiled_flops(fn, (params, x)),
-                 _vit_macs(cfg, capacity), images)
+    stats = timed_stats(fn, (params, x), a.repeats, ref)  # budgets interleaved with dense
+    ref = ref or (fn, (params, x))
+    out[name] = dict(stats, flops=compiled_flops(fn, (params, x)), macs=_vit_macs(cfg, capacity),
+                     images=images)
   return out
 
 
-def _mask_macs(name, d_model, a):
-  """MACs per token of a method measured only in training (SkipDecode): its forward under the
-  training layer mask, where the sown MACs count only the layers each position runs."""
+def _model_macs(name, d_model, a):
+  """MACs per token of a method whose inference forward was not timed (a --modes=train run, or
+  SkipDecode, which has none): the forward of its inference config (its training config under
+  the training layer mask for SkipDecode) on fresh parameters and the timed rows' token ids, as
+  `measure` would sow them. Fresh, not zero, parameters: a router of zeros routes nothing like a
+  fresh one."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from adacomp import scoring  # pylint: disable=g-import-not-at-top
-  files, train_b, _ = METHODS[name]
-  model, mask, _ = build(files, method_sizes(name, d_model, a) + train_b)
-  ids = jnp.zeros((1, a.seq_len), jnp.int32)
-  params = jax.eval_shape(lambda: model.init(jax.random.key(0), ids)["params"])
-  params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), params)
-  _, mut = model.apply({"params": params}, ids, layer_mask=mask, mutable=["intermediates"])
-  return float(jnp.mean(scoring.macs_per_token(mut["intermediates"], ids.shape, mask)))
+  files, train_b, infer_b = METHODS[name]
+  model, mask, _ = build(files, method_sizes(name, d_model, a) + train_b + (infer_b or []))
+  ids = jax.random.randint(jax.random.key(1), (a.batch, a.seq_len), 0, VOCAB, jnp.int32)
+  return float(_forward(model, mask)(_init(model, ids), ids)[1])
 
 
 def _num(x, digits):
@@ -448,8 +505,8 @@ def main(argv=None):
   unknown = [m for m in names if m not in METHODS]
   if unknown:
     p.error(f"unknown --methods {unknown}; choose from {list(SHORT)}")
-  if "dense" not in names:
-    names.insert(0, "dense")
+  # Dense first: every other row is timed interleaved with it.
+  names = ["dense"] + [n for n in names if n != "dense"]
   a.modes = [m.strip() for m in a.modes.split(",")]
 
   import jax  # pylint: disable=g-import-not-at-top
@@ -465,11 +522,11 @@ def main(argv=None):
         f"{a.seq_len} tokens, median of {a.repeats}", flush=True)
   rows, units = [], []
   for d in [int(x) for x in a.d_models.split(",")]:
-    results = {}
+    results, refs = {}, {}
     for name in names:
       print(f"d_model {d}: {name}", file=sys.stderr, flush=True)
       try:
-        results[name] = measure(name, d, a)
+        results[name] = measure(name, d, a, refs)
       except Exception as e:  # pylint: disable=broad-except
         print(f"  skipped: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
               file=sys.stderr, flush=True)
@@ -477,44 +534,48 @@ def main(argv=None):
       raise SystemExit(f"ERROR: the dense reference failed at d_model {d}; see above.")
     dense = results["dense"]
     if a.breakdown and "infer" in dense:
-      units += breakdown(names, d, a, results)
-    # MACs per token of the dense model: its forward's, or (training only) from the mask pass.
-    dense_macs = dense["infer"][2] if "infer" in dense else _mask_macs("dense", d, a)
+      units += breakdown(names, d, a, results, refs["infer"])
+    refs.clear()  # the dense calls (and the train state they hold) are not needed past here
+    # MACs per token of the dense model: its timed forward's, or (training only) one forward.
+    dense_macs = dense["infer"]["macs"] if "infer" in dense else _model_macs("dense", d, a)
     for name, res in results.items():
-      # MACs per token of the inference model; SkipDecode's from its layer mask, as trained.
-      own = res["infer"][2] if "infer" in res else _mask_macs(name, d, a)
-      macs = own / dense_macs if dense_macs else float("nan")
+      # MACs per token of the inference model; SkipDecode's under its layer mask, as trained.
+      own = res["infer"]["macs"] if "infer" in res else _model_macs(name, d, a)
       for mode in list(a.modes) + ["infer causal"]:
         ref = "infer" if mode == "infer causal" else mode
         if mode not in res or ref not in dense:
           continue
-        ms, flops = res[mode][0], res[mode][1]
-        mode_macs = res[mode][2] if mode == "infer causal" else own
-        t_rel = ms / dense[ref][0]
+        r = res[mode]
+        mode_macs = r["macs"] if mode == "infer causal" else own
+        t_rel = r.get("rel", r["ms"] / dense[ref]["ms"])  # paired with dense's rounds
         tokens = a.batch * a.seq_len
         useful = 2 * mode_macs * tokens * (3 if mode == "train" else 1)
-        gflops = useful / (ms / 1000) / 1e9
+        gflops = useful / (r["ms"] / 1000) / 1e9
         shown = mode
         if mode == "infer" and "infer causal" in res:
           shown = "infer top-k (not causal)"
         elif mode == "infer causal":
-          shown = f"infer causal ({res[mode][3]:.2f} executed)"
-        rows.append({"d_model": d, "method": name, "mode": shown, "ms": ms, "t_rel": t_rel,
+          shown = f"infer causal ({r['executed']:.2f} executed)"
+        rows.append({"d_model": d, "method": name, "mode": shown, "ms": r["ms"],
+                     "dense_ms": r.get("ref_ms", r["ms"]), "t_rel": t_rel,
                      "macs_rel": mode_macs / dense_macs, "ratio": t_rel / (mode_macs / dense_macs),
                      # XLA's count covers every lax.switch bucket of the causal path: not shown.
                      "xla_rel": (float("nan") if mode == "infer causal"
-                                 else flops / dense[ref][1]), "gflops": gflops,
-                     "peak_frac": gflops / peak})
+                                 else r["flops"] / dense[ref]["flops"]), "gflops": gflops,
+                     "peak_frac": gflops / peak, "user_ms": r["user_ms"], "sys_ms": r["sys_ms"],
+                     "user_rel": r.get("user_rel", 1.0)})
     if a.vit and "infer" in a.modes:
       print(f"d_model {d}: ViT / AS-ViT", file=sys.stderr, flush=True)
       vits = measure_vit(d, a)
       ref = vits["vit dense"]
-      for name, (ms, flops, macs, images) in vits.items():
-        t_rel, m_rel = ms / ref[0], macs / ref[2]
-        gflops = 2 * macs * images / (ms / 1000) / 1e9
-        rows.append({"d_model": d, "method": f"{name} ({images} images)", "mode": "infer",
-                     "ms": ms, "t_rel": t_rel, "macs_rel": m_rel, "ratio": t_rel / m_rel,
-                     "xla_rel": flops / ref[1], "gflops": gflops, "peak_frac": gflops / peak})
+      for name, r in vits.items():
+        t_rel, m_rel = r.get("rel", 1.0), r["macs"] / ref["macs"]
+        gflops = 2 * r["macs"] * r["images"] / (r["ms"] / 1000) / 1e9
+        rows.append({"d_model": d, "method": f"{name} ({r['images']} images)", "mode": "infer",
+                     "ms": r["ms"], "dense_ms": r.get("ref_ms", r["ms"]), "t_rel": t_rel,
+                     "macs_rel": m_rel, "ratio": t_rel / m_rel,
+                     "xla_rel": r["flops"] / ref["flops"], "gflops": gflops, "peak_frac": gflops / peak, "user_ms": r["user_ms"],
+                     "sys_ms": r["sys_ms"], "user_rel": r.get("user_rel", 1.0)})
   print("\n| d_model | method | mode | ms | t/dense | MACs | ratio | XLA | t/XLA | GFLOP/s "
         "| %peak |")
   print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -523,6 +584,18 @@ def main(argv=None):
           f"{r['macs_rel']:.3f} | {r['ratio']:.2f} | {_num(r['xla_rel'], 3)} | "
           f"{_num(r['t_rel'] / r['xla_rel'], 2)} | {r['gflops']:.1f} | "
           f"{100 * r['peak_frac']:.0f}% |")
+  train = [r for r in rows if r["mode"] == "train"]
+  if train:
+    print("\nTraining steps, CPU time (getrusage, every thread of the process): user is XLA's "
+          "arithmetic, sys mostly the page faults of fresh buffers; user/dense is the paired "
+          "ratio of user time, what the step's arithmetic costs against dense's, beside its "
+          "MACs:\n")
+    print("| d_model | method | wall ms | dense wall ms | user ms | sys ms | user/dense | MACs |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    for r in train:
+      print(f"| {r['d_model']} | {r['method']} | {r['ms']:.1f} | {r['dense_ms']:.1f} | "
+            f"{r['user_ms']:.1f} | {r['sys_ms']:.1f} | {r['user_rel']:.3f} | "
+            f"{r['macs_rel']:.3f} |")
   if units:
     print("\nProfile of the inference rows: the FFN alone (unit) against the dense FFN alone; "
           "rest = the dense model with d_ff 8 (attention, norms, head, inside the model), its "

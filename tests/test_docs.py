@@ -2,8 +2,9 @@
 
 Each command of a ```bash block is read (continuation lines joined, loops' variables filled in):
 its script must exist and define every flag it passes; a train.py command's gin files and
-bindings must parse, and a stage config must be given its earlier stage's workdir. The last test
-runs train.py from another directory for a few steps.
+bindings must parse, and a stage config must be given its earlier stage's workdir.
+scripts/pareto_checkpoints.sh, which trains every checkpoint of docs/pareto.md, must run the
+pages' own commands. The last test runs train.py from another directory for a few steps.
 """
 import glob
 import os
@@ -22,41 +23,70 @@ from tests.corpus import REPO, corpus_bindings
 PAGES = sorted(["README.md", "docs/hf.md", "docs/pareto.md", "docs/reliability.md", "pallas_kernels/README.md", "benchmarks/README.md"]
                + [os.path.relpath(p, REPO) for p in
                   glob.glob(os.path.join(REPO, "adacomp", "methods", "*", "README.md"))])
-# Values for the shell variables the pages' loops and abbreviations use.
-SHELL_VARS = {"s": "5", "run": "grown", "R": "/tmp/adacomp/tokenformer", "A": "/tmp/adacomp"}
+# Values for the shell variables the pages' abbreviations use (loop variables are expanded).
+SHELL_VARS = {"R": "/tmp/adacomp/tokenformer", "A": "/tmp/adacomp"}
+# `for v in a b c; do BODY; done`, on one line or several (no nesting on these pages).
+_LOOP = re.compile(r"for (\w+) in ([^;\n]+); do\s(.*?)(?:;\s*|\n\s*)done", flags=re.S)
+
+
+def _expand_loops(block: str) -> str:
+  """The block with each loop replaced by its body once per value, the variable filled in."""
+  while (m := _LOOP.search(block)):
+    var, values, body = m.group(1), m.group(2).split(), m.group(3)
+    bodies = [body.replace("${" + var + "}", v).replace("$" + var, v) for v in values]
+    block = block[:m.start()] + "\n".join(bodies) + block[m.end():]
+  return block
+
+
+def _block_commands(block: str) -> list:
+  """Every `python X.py ...` command of a bash block, as argument lists."""
+  out = []
+  block = _expand_loops(re.sub(r"\\\n\s*", " ", block))  # join continuation lines first
+  for name, value in SHELL_VARS.items():
+    block = block.replace("${" + name + "}", value).replace("$" + name, value)
+  for line in block.split("\n"):
+    lexer = shlex.shlex(line, posix=True, punctuation_chars=";&|")
+    lexer.whitespace_split, lexer.commenters = True, "#"
+    segment = []
+    for token in list(lexer) + [";"]:
+      if token in (";", "&", "&&", "|", "||"):
+        while segment and (segment[0] in ("do", "done") or "=" in segment[0]):
+          segment = segment[1:]  # loop keywords, environment assignments
+        if len(segment) > 1 and segment[0] == "python" and segment[1].endswith(".py"):
+          out.append(segment)
+        segment = []
+      else:
+        segment.append(token)
+  return out
 
 
 def _commands(page: str) -> list:
   """Every `python ...` command in the page's bash blocks, as argument lists."""
   text = open(os.path.join(REPO, page), encoding="utf-8").read()
-  out = []
-  for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
-    block = re.sub(r"\\\n\s*", " ", block)  # join continuation lines
-    for name, value in SHELL_VARS.items():
-      block = block.replace("${" + name + "}", value).replace("$" + name, value)
-    for line in block.split("\n"):
-      lexer = shlex.shlex(line, posix=True, punctuation_chars=";&")
-      lexer.whitespace_split, lexer.commenters = True, "#"
-      segment = []
-      for token in list(lexer) + [";"]:
-        if token in (";", "&", "&&"):
-          while segment and (segment[0] in ("do", "done") or "=" in segment[0]):
-            segment = segment[1:]  # loop keywords, environment assignments
-          if len(segment) > 1 and segment[0] == "python" and segment[1].endswith(".py"):
-            out.append(segment)
-          segment = []
-        else:
-          segment.append(token)
-  return out
+  return [cmd for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+          for cmd in _block_commands(block)]
+
+
+# The script that trains every checkpoint of docs/pareto.md runs the pages' commands: its
+# `train ARGS` is `python train.py ARGS` and "$PY" is python.
+CHECKPOINT_SCRIPT = "scripts/pareto_checkpoints.sh"
+
+
+def _script_commands(script: str) -> list:
+  text = open(os.path.join(REPO, script), encoding="utf-8").read()
+  text = re.sub(r"^train\(\).*$", "", text, flags=re.M)  # the function's own definition
+  text = re.sub(r"^(\s*)train ", r"\1python train.py ", text, flags=re.M)
+  return _block_commands(text.replace('"$PY" ', "python "))
 
 
 COMMANDS = [(page, cmd) for page in PAGES for cmd in _commands(page)]
+SCRIPT_COMMANDS = [(CHECKPOINT_SCRIPT, cmd) for cmd in _script_commands(CHECKPOINT_SCRIPT)]
 
 
 def _id(item):
   page, cmd = item
   script = next(a for a in cmd if a.endswith(".py"))
-  return f"{page}:{script}:{COMMANDS.index(item)}"
+  return f"{page}:{script}:{(COMMANDS + SCRIPT_COMMANDS).index(item)}"
 
 
 def _flags(cmd) -> dict:
@@ -85,9 +115,11 @@ def test_the_pages_hold_the_commands_this_test_reads():
   scripts = {next(a for a in cmd if a.endswith(".py")) for _, cmd in COMMANDS}
   assert {"train.py", "eval.py", "scripts/duo_oracle.py", "scripts/grow.py"} <= scripts
   assert len(COMMANDS) > 40
+  script_runs = [next(a for a in cmd if a.endswith(".py")) for _, cmd in SCRIPT_COMMANDS]
+  assert script_runs.count("train.py") >= 26 and "scripts/pareto.py" in script_runs
 
 
-@pytest.mark.parametrize("item", COMMANDS, ids=_id)
+@pytest.mark.parametrize("item", COMMANDS + SCRIPT_COMMANDS, ids=_id)
 def test_command_names_an_existing_script_and_its_flags(item):
   _, cmd = item
   script = next(a for a in cmd if a.endswith(".py"))
@@ -115,6 +147,16 @@ def test_train_command_parses_and_passes_its_stage_input(item):
     init = None
   assert not isinstance(init, gin.config.ConfigurableReference), (
       f"{' '.join(cmd)}: a stage config run without train.init_checkpoint")
+
+
+@pytest.mark.parametrize(
+    "item", [c for c in SCRIPT_COMMANDS if "scripts/bench_vit.py" not in c[1]], ids=_id)
+def test_checkpoint_script_runs_the_pages_commands(item):
+  # Each training, growth and plot command of the script is a page's command as written there
+  # (bench_vit.py differs: the script adds --output for the plot), so the two cannot drift.
+  assert tuple(item[1]) in {tuple(cmd) for _, cmd in COMMANDS}, (
+      f"{CHECKPOINT_SCRIPT} runs `{' '.join(item[1])}`, which no page documents; make the "
+      f"script and the method page run the same command.")
 
 
 def test_train_runs_from_another_directory(corpus, tmp_path):
