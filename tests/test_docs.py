@@ -26,7 +26,7 @@ PAGES = sorted(["README.md", "docs/hf.md", "docs/pareto.md", "docs/reliability.m
 # Values for the shell variables the pages' abbreviations use (loop variables are expanded).
 SHELL_VARS = {"R": "/tmp/adacomp/tokenformer", "A": "/tmp/adacomp"}
 # `for v in a b c; do BODY; done`, on one line or several (no nesting on these pages).
-_LOOP = re.compile(r"for (\w+) in ([^;\n]+); do\s(.*?)(?:;\s*|\n\s*)done", flags=re.S)
+_LOOP = re.compile(r"\bfor (\w+) in ([^;\n]+); do\s(.*?)(?:;\s*|\n\s*)done\b", flags=re.S)
 
 
 def _expand_loops(block: str) -> str:
