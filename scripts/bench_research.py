@@ -231,6 +231,13 @@ def _time_forward(model, mask, params, ids, repeats, ref=None):
               args=(params, ids))
 
 
+def _token_ids(a):
+  """The timed rows' token ids [batch, seq_len]: the same for every method and width."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  return jax.random.randint(jax.random.key(1), (a.batch, a.seq_len), 0, VOCAB, jnp.int32)
+
+
 def _init(model, ids, tx=None, abstract=False):
   """Fresh params (and a train state when tx is given); shapes only when `abstract`."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -296,7 +303,7 @@ def measure(name, d_model, a, refs):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   files, train_b, infer_b = METHODS[name]
   sizes = method_sizes(name, d_model, a)
-  ids = jax.random.randint(jax.random.key(1), (a.batch, a.seq_len), 0, VOCAB, jnp.int32)
+  ids = _token_ids(a)
   batch = {"inputs": ids, "targets": jnp.roll(ids, -1, axis=1),
            "weights": jnp.ones(ids.shape, jnp.float32),
            "target_bytes": jnp.ones(ids.shape, jnp.float32)}
@@ -365,17 +372,14 @@ def measure_unit(name, d_model, a, ref=None):
 
 def measure_rest(d_model, a, ref=None):
   """The dense model's inference forward with its FFNs all but removed (d_ff 8), interleaved
-  with `ref` (the dense model's forward) when given: (stats, MACs per token). What routing an
+  with `ref` (the dense model's forward) when given: `_time_forward`'s stats. What routing an
   FFN does not touch (attention, norms, embedding, head), timed inside the model, where it runs
   (the layer loop, its weight slices and its fusions)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   files = METHODS["dense"][0]
   model, mask, _ = build(files, size_bindings(d_model, a.num_layers, a.seq_len) +
                          ["DecoderConfig.d_ff = 8"])
-  ids = jax.random.randint(jax.random.key(1), (a.batch, a.seq_len), 0, VOCAB, jnp.int32)
-  res = _time_forward(model, mask, _init(model, ids), ids, a.repeats, ref)
-  return res, res["macs"]
+  ids = _token_ids(a)
+  return _time_forward(model, mask, _init(model, ids), ids, a.repeats, ref)
 
 
 def breakdown(names, d_model, a, whole, dense_forward):
@@ -387,7 +391,7 @@ def breakdown(names, d_model, a, whole, dense_forward):
   dense = measure_unit("dense", d_model, a)
   dense_macs, dense_call = dense["macs"], (dense["fn"], dense["args"])
   model_dense_macs = whole["dense"]["infer"]["macs"]
-  rest, rest_macs = measure_rest(d_model, a, dense_forward)
+  rest = measure_rest(d_model, a, dense_forward)
   rest_rel = rest["rel"]  # the rest's share of the dense forward's time
   rows = []
   for name in names:
@@ -406,7 +410,7 @@ def breakdown(names, d_model, a, whole, dense_forward):
     rows.append({"d_model": d_model, "method": name, "unit_ms": ms, "unit_t_rel": t_unit,
                  "unit_macs_rel": m_unit, "unit_ratio": t_unit / m_unit,
                  "dense_unit_ms": unit["ref_ms"], "rest_ms": rest["ms"], "rest_share": rest_rel,
-                 "rest_macs_share": rest_macs / model_dense_macs,
+                 "rest_macs_share": rest["macs"] / model_dense_macs,
                  "model_ms": res["ms"], "floor_t_rel": floor, "floor_ratio": floor / model_macs,
                  "model_vs_floor": res["rel"] / floor})
   return rows
@@ -469,12 +473,17 @@ def _model_macs(name, d_model, a):
   the training layer mask for SkipDecode) on fresh parameters and the timed rows' token ids, as
   `measure` would sow them. Fresh, not zero, parameters: a router of zeros routes nothing like a
   fresh one."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   files, train_b, infer_b = METHODS[name]
   model, mask, _ = build(files, method_sizes(name, d_model, a) + train_b + (infer_b or []))
-  ids = jax.random.randint(jax.random.key(1), (a.batch, a.seq_len), 0, VOCAB, jnp.int32)
+  ids = _token_ids(a)
   return float(_forward(model, mask)(_init(model, ids), ids)[1])
+
+
+def _timing_fields(r):
+  """The paired-timing columns every row carries, from a timed_stats dict (the reference's own
+  row has no `ref`: its dense time is its own and its user ratio 1)."""
+  return {"dense_ms": r.get("ref_ms", r["ms"]), "user_ms": r["user_ms"], "sys_ms": r["sys_ms"],
+          "user_rel": r.get("user_rel", 1.0)}
 
 
 def _num(x, digits):
@@ -556,14 +565,12 @@ def main(argv=None):
           shown = "infer top-k (not causal)"
         elif mode == "infer causal":
           shown = f"infer causal ({r['executed']:.2f} executed)"
-        rows.append({"d_model": d, "method": name, "mode": shown, "ms": r["ms"],
-                     "dense_ms": r.get("ref_ms", r["ms"]), "t_rel": t_rel,
+        rows.append({"d_model": d, "method": name, "mode": shown, "ms": r["ms"], "t_rel": t_rel,
                      "macs_rel": mode_macs / dense_macs, "ratio": t_rel / (mode_macs / dense_macs),
                      # XLA's count covers every lax.switch bucket of the causal path: not shown.
                      "xla_rel": (float("nan") if mode == "infer causal"
                                  else r["flops"] / dense[ref]["flops"]), "gflops": gflops,
-                     "peak_frac": gflops / peak, "user_ms": r["user_ms"], "sys_ms": r["sys_ms"],
-                     "user_rel": r.get("user_rel", 1.0)})
+                     "peak_frac": gflops / peak, **_timing_fields(r)})
     if a.vit and "infer" in a.modes:
       print(f"d_model {d}: ViT / AS-ViT", file=sys.stderr, flush=True)
       vits = measure_vit(d, a)
@@ -572,11 +579,9 @@ def main(argv=None):
         t_rel, m_rel = r.get("rel", 1.0), r["macs"] / ref["macs"]
         gflops = 2 * r["macs"] * r["images"] / (r["ms"] / 1000) / 1e9
         rows.append({"d_model": d, "method": f"{name} ({r['images']} images)", "mode": "infer",
-                     "ms": r["ms"], "dense_ms": r.get("ref_ms", r["ms"]), "t_rel": t_rel,
-                     "macs_rel": m_rel, "ratio": t_rel / m_rel,
+                     "ms": r["ms"], "t_rel": t_rel, "macs_rel": m_rel, "ratio": t_rel / m_rel,
                      "xla_rel": r["flops"] / ref["flops"], "gflops": gflops,
-                     "peak_frac": gflops / peak, "user_ms": r["user_ms"], "sys_ms": r["sys_ms"],
-                     "user_rel": r.get("user_rel", 1.0)})
+                     "peak_frac": gflops / peak, **_timing_fields(r)})
   print("\n| d_model | method | mode | ms | t/dense | MACs | ratio | XLA | t/XLA | GFLOP/s "
         "| %peak |")
   print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -81,12 +81,14 @@ def _script_commands(script: str) -> list:
 
 COMMANDS = [(page, cmd) for page in PAGES for cmd in _commands(page)]
 SCRIPT_COMMANDS = [(CHECKPOINT_SCRIPT, cmd) for cmd in _script_commands(CHECKPOINT_SCRIPT)]
+ALL_COMMANDS = COMMANDS + SCRIPT_COMMANDS
+PAGE_COMMANDS = {tuple(cmd) for _, cmd in COMMANDS}
 
 
 def _id(item):
   page, cmd = item
   script = next(a for a in cmd if a.endswith(".py"))
-  return f"{page}:{script}:{(COMMANDS + SCRIPT_COMMANDS).index(item)}"
+  return f"{page}:{script}:{ALL_COMMANDS.index(item)}"
 
 
 def _flags(cmd) -> dict:
@@ -119,7 +121,7 @@ def test_the_pages_hold_the_commands_this_test_reads():
   assert script_runs.count("train.py") >= 26 and "scripts/pareto.py" in script_runs
 
 
-@pytest.mark.parametrize("item", COMMANDS + SCRIPT_COMMANDS, ids=_id)
+@pytest.mark.parametrize("item", ALL_COMMANDS, ids=_id)
 def test_command_names_an_existing_script_and_its_flags(item):
   _, cmd = item
   script = next(a for a in cmd if a.endswith(".py"))
@@ -154,7 +156,7 @@ def test_train_command_parses_and_passes_its_stage_input(item):
 def test_checkpoint_script_runs_the_pages_commands(item):
   # Each training, growth and plot command of the script is a page's command as written there
   # (bench_vit.py differs: the script adds --output for the plot), so the two cannot drift.
-  assert tuple(item[1]) in {tuple(cmd) for _, cmd in COMMANDS}, (
+  assert tuple(item[1]) in PAGE_COMMANDS, (
       f"{CHECKPOINT_SCRIPT} runs `{' '.join(item[1])}`, which no page documents; make the "
       f"script and the method page run the same command.")
 
