@@ -67,11 +67,12 @@ Compute paths (`compute`):
     per row are static (`mix_exact` training routes), each row sorted small / big / skip and
     each FFN on a static slice of its n_small / n_big tokens (the routed FLOPs again), and
     otherwise (router, imposed or i.i.d. routes; a KV-cache decoding step's b rows)
-    `ragged_ffn`: tokens sorted by route, each FFN over its own tokens in fixed-size chunks in a
-    loop of traced trip count, so the forward pass does the routed work plus at most a chunk
-    per module; its backward is the masked path's (XLA's FLOP count of a while loop is one
-    trip, so `cost_analysis` does not show this saving; wall time does). routed_ffn's kernels
-    take plain FFNs only: a gated or biased Duo runs these XLA paths on every platform.
+    `ragged_ffn`: tokens sorted by route, each FFN once over a bucket of its own tokens
+    (`lax.switch` over `selection.bucket_sizes`), so the forward pass does the routed work
+    plus fewer than ~1/16 of it in padding per module; its backward is the masked path's
+    (`cost_analysis` counts the switch's branches, not the one taken, so it does not show this
+    saving; wall time does). routed_ffn's kernels take plain FFNs only: a gated or biased Duo
+    runs these XLA paths on every platform.
 
 Random routes with `mix_exact` (stage-1 training): with a `routing` rng, each row gets exactly
 round(p_small * t) small and round(p_big * t) big tokens at uniformly random positions, instead
@@ -101,7 +102,8 @@ from jax.typing import DTypeLike
 
 import pallas_kernels
 from layers.mlp import activation_fn, ffn_macs
-from layers.selection import capacity_tokens, first_by_priority, straight_through_zero
+from layers.selection import (bucketed, capacity_tokens, first_by_priority,
+                             straight_through_zero)
 from pallas_kernels import _dispatch
 from pallas_kernels.routed_ffn import ffn_by_route
 from pallas_kernels.routed_ffn.routing import permute_rows
@@ -216,45 +218,39 @@ def _two_ffns_masked(x, routes, small, big, activation):
   return jnp.where(r == BIG, y_big, jnp.where(r == SMALL, y_small, jnp.zeros_like(y_big)))
 
 
-def ragged_chunk(m: int) -> int:
-  """Rows per chunk of `ragged_ffn` for m rows: a power of two in [8, 256], about m / 8, so a
-  module wastes at most one partial chunk (about 1/8 of the rows) on padding."""
-  return max(8, min(256, 1 << max(_cdiv(m, 8) - 1, 0).bit_length()))
-
-
-def _cdiv(a: int, b: int) -> int:
-  return -(-a // b)
-
-
 def ragged_ffn(x, routes, small, big, activation: str):
   """Each row of x [m, d] through the FFN of its route (routes [m]; SKIP rows give 0; small and
-  big: `ffn_apply` parameter dicts), in XLA
-  with static shapes: rows sorted small / big / skip, then each module runs over its rows in
-  chunks of `ragged_chunk(m)` rows, in a loop whose trip count is the module's row count (a
-  while loop: the skipped and other-module rows cost nothing). The backward pass is the masked
-  path's (a while loop with a traced trip count has no reverse-mode derivative)."""
+  big: `ffn_apply` parameter dicts), in XLA with static shapes: rows sorted small / big / skip,
+  then each module runs once over a bucket of rows from its first one (`selection.bucketed`:
+  the module's row count rounded up to `bucket_sizes(m)`, fewer than ~1/16 of it padded), the
+  padded rows masked out. One matmul pair per module at about its own row count: the skipped
+  and other-module rows cost nothing. The backward pass is the masked path's (lax.switch over
+  data-dependent slots has no reverse mode that saves)."""
   m, d = x.shape
-  chunk = ragged_chunk(m)
 
   def forward(x, routes, small, big):
     order = jnp.argsort(jnp.where(routes == SKIP, NUM_ROUTES, routes), stable=True)
-    rows = jnp.concatenate([x[order], jnp.zeros((chunk, d), x.dtype)])
+    rows = x[order]
     out = jnp.zeros_like(rows)
     start = jnp.zeros((), jnp.int32)
     for route, weights in ((SMALL, small), (BIG, big)):
       count = jnp.sum(routes == route).astype(jnp.int32)
 
-      def one_chunk(i, out, start=start, count=count, weights=weights):
-        first = start + i * chunk
-        y = ffn_apply(jax.lax.dynamic_slice_in_dim(rows, first, chunk), weights, activation)
-        keep = (i * chunk + jnp.arange(chunk) < count)[:, None]
-        old = jax.lax.dynamic_slice_in_dim(out, first, chunk)
-        return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(keep, y, old), first, 0)
+      def module(slots, out=out, start=start, count=count, weights=weights):
+        if slots == 0:
+          return out
+        first = jnp.minimum(start, m - slots)  # the bucket stays inside the rows
+        y = ffn_apply(jax.lax.dynamic_slice_in_dim(rows, first, slots), weights, activation)
+        position = first + jnp.arange(slots)
+        keep = ((position >= start) & (position < start + count))[:, None]
+        old = jax.lax.dynamic_slice_in_dim(out, first, slots)
+        return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(keep, y.astype(out.dtype),
+                                                                  old), first, 0)
 
-      out = jax.lax.fori_loop(0, (count + chunk - 1) // chunk, one_chunk, out)
+      out = bucketed(count, m, module)
       start = start + count
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(m, dtype=order.dtype))
-    return out[:m][inverse]
+    return out[inverse]
 
   @jax.custom_vjp
   def ffn(x, routes, small, big):

@@ -62,10 +62,9 @@ Causal routing (MoD's remedy, arXiv 2404.02258 section 3.5, the auxiliary-predic
     dense). Rows never interact.
   * Compute in "causal" mode: "masked" runs the unit on every token (values), "gather" gathers
     the executed tokens into a static number of slots chosen at run time from buckets
-    (`bucket_sizes`: powers of two, then steps of ~n / 16; `lax.switch`: slots = the smallest
-    bucket >= the executed count, of the flattened
-    b * t tokens for the FFN, of the longest row for the attention) and runs the unit on those
-    only; at a decoding step (t = 1, batch 1) that is a `lax.cond`: a token that does not
+    (`bucket_sizes`: powers of two, then steps of ~1/16 of the size; `lax.switch`: slots =
+    the smallest bucket >= the executed count, of the flattened b * t tokens for the FFN, of
+    the longest row for the attention) and runs the unit on those only; at a decoding step (t = 1, batch 1) that is a `lax.cond`: a token that does not
     execute costs the predictor (and the forecaster) only.
 
 Compute paths (`compute`):
@@ -132,36 +131,13 @@ from layers.forecaster import FeatureForecaster, distillation_loss
 from layers.lora import LoRA
 from layers.mlp import activation_fn, feed_forward, ffn_macs
 from layers.rope import apply_rope
-from layers.selection import capacity_tokens, flat_indices, select_top_k, straight_through_zero
+from layers.selection import (  # pylint: disable=unused-import (bucket_sizes: routing's API)
+    bucket_sizes, bucketed, capacity_tokens, flat_indices, select_top_k, straight_through_zero)
 
 MODES = ("informed", "greedy")
 COMPUTES = ("masked", "gather")
 DECISIONS = ("topk", "causal")
 IMPORTANCE, ERROR = 0, 1
-
-
-BUCKET_STEPS = 16
-
-
-def bucket_sizes(n: int):
-  """Static slot counts for a data-dependent count in [0, n]: 0, 1, 2, 4, ... below the step
-  max(ceil(n / 16), 16), then its multiples, and n: a count pays at most one step of padded
-  slots (powers of two alone pay up to 2x, at n / 2 + 1) for at most ~20 branches."""
-  step = max(-(-n // BUCKET_STEPS), 16)
-  sizes, size = {0, n}, 1
-  while size < min(step, n):
-    sizes.add(size)
-    size *= 2
-  sizes.update(range(step, n, step))
-  return sorted(sizes)
-
-
-def bucketed(count, n: int, branch):
-  """branch(slots) for the smallest bucket `slots` >= count (a traced int), via lax.switch:
-  only the chosen branch runs, so the work follows the count (`bucket_sizes`' steps)."""
-  sizes = bucket_sizes(n)
-  index = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), count.astype(jnp.int32))
-  return jax.lax.switch(index, [functools.partial(branch, size) for size in sizes])
 
 
 def executed_first(executed):
@@ -503,18 +479,20 @@ class RoutedFFN(_Routed):
     if self.compute == "masked":
       return jnp.where(executed[..., None], self._unit(x, w, adapters), base)
     flat, flat_exec = x.reshape(b * t, d_model), executed.reshape(b * t)
+    flat_base = base.reshape(b * t, d_model)
     order = jnp.argsort(~flat_exec, stable=True).astype(jnp.int32)
 
     def branch(slots):
       if slots == 0:
-        return jnp.zeros_like(flat)
+        return flat_base
       rows = order[:slots]
       u = self._unit(jnp.take(flat, rows, axis=0)[None], w, adapters)[0]  # the FFN's layout
-      u = jnp.where(jnp.take(flat_exec, rows)[:, None], u, 0).astype(flat.dtype)
-      return jnp.zeros_like(flat).at[rows].set(u)
+      # The bucket's padded slots hold tokens that do not execute: they keep their forecast.
+      keep = 0 if forecaster is None else jnp.take(flat_base, rows, axis=0)
+      u = jnp.where(jnp.take(flat_exec, rows)[:, None], u.astype(flat.dtype), keep)
+      return flat_base.at[rows].set(u, unique_indices=True)
 
-    out = bucketed(jnp.sum(flat_exec), b * t, branch).reshape(b, t, d_model)
-    return jnp.where(executed[..., None], out, base)
+    return bucketed(jnp.sum(flat_exec), b * t, branch).reshape(b, t, d_model)
 
   def _gather(self, x, w, exec_idx, rest_idx, logits, forecaster, loras):
     b, t, d_model = x.shape

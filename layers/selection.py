@@ -1,9 +1,11 @@
 """Token selection shared by the routed layers (Duo-LLM, informed routing, Mixture-of-Depths).
 
 Static capacities (jit needs fixed shapes: a data-dependent count becomes a number of slots),
-top-k choices of which tokens fill them, and the straight-through surrogate that lets a router
-learn from a hard decision.
+top-k choices of which tokens fill them, the buckets of slots that let a data-dependent count
+(causal routing, Duo's ragged path) run on about its own number of rows, and the
+straight-through surrogate that lets a router learn from a hard decision.
 """
+import functools
 import math
 from typing import Optional
 
@@ -18,6 +20,35 @@ def capacity_tokens(fraction: Optional[float], num_tokens: int) -> int:
   # Round to 6 decimals first: float noise (0.3 * 10 = 3.0000000000000004) must not add a slot.
   # Then round up: a positive capacity must not vanish on a one-token decoding step.
   return max(0, min(num_tokens, math.ceil(round(fraction * num_tokens, 6))))
+
+
+BUCKET_ALIGN = 16  # slots: multiples of 16 rows (and powers of two below)
+BUCKET_REL = 16    # the step between buckets: about 1 / 16 of the count
+
+
+def bucket_sizes(n: int):
+  """Static slot counts for a data-dependent count in [0, n]: 0, 1, 2, 4, 8, then multiples of
+  16 whose step grows with the size (16 * ceil(s / 256)), and n. A count c >= 16 pays fewer
+  than 16 * ceil(c / 256) padded slots (at most ~1/16 of it, not a fixed fraction of n: a
+  75%-sparse layer executes a quarter of n, where steps of n / 16 padded up to 25%); a count
+  below 16 at most itself. About 16 branches per doubling of n above 256."""
+  sizes, size = {0, n}, 1
+  while size < min(BUCKET_ALIGN, n):
+    sizes.add(size)
+    size *= 2
+  size = BUCKET_ALIGN
+  while size < n:
+    sizes.add(size)
+    size += BUCKET_ALIGN * -(-size // (BUCKET_ALIGN * BUCKET_REL))
+  return sorted(sizes)
+
+
+def bucketed(count, n: int, branch):
+  """branch(slots) for the smallest bucket `slots` >= count (a traced int), via lax.switch:
+  only the chosen branch runs, so the work follows the count (`bucket_sizes`' steps)."""
+  sizes = bucket_sizes(n)
+  index = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), count.astype(jnp.int32))
+  return jax.lax.switch(index, [functools.partial(branch, size) for size in sizes])
 
 
 def first_by_priority(priority: jax.Array, k: int):

@@ -35,7 +35,8 @@ MACs of the 75% and 50% routed rows), the ratio an FFN-only saving reaches on th
 before any routing cost. A second table gives each training step's CPU time (user: the
 arithmetic; sys: mostly page faults) and its user time over dense's. --breakdown adds the
 profile: each routed FFN alone, the in-model rest (the dense model with d_ff 8) and the floor
-they give.
+they give, and the rest's own profile: one layer's attention, its projections, its core and a
+one-matmul control with the core's MACs, each against the dense FFN alone.
 
 Generation tokens/s per method is `scripts/bench_generate.py`'s table. Prints Markdown and
 writes the rows as JSON to --output. A benchmark, never a test.
@@ -328,7 +329,7 @@ def measure(name, d_model, a, refs):
                                                   batch))
     if any(b.startswith("routed_ffn.compute") for b in infer_b):
       # What generation and eval.py run: causal decisions (gather compute: the executed
-      # tokens in a power-of-two bucket of slots), thresholds calibrated to the sparsity.
+      # tokens in a bucket of slots, `routing.bucket_sizes`), thresholds calibrated to the sparsity.
       causal_b = sizes + train_b + infer_b + ["routed_ffn.decision = 'causal'"]
       model, mask, _ = build(files, causal_b)
       sparsity = model.config.ffn_cls.keywords["sparsity"]  # the bound routed_ffn
@@ -382,6 +383,58 @@ def measure_rest(d_model, a, ref=None):
   return _time_forward(model, mask, _init(model, ids), ids, a.repeats, ref)
 
 
+def measure_attention_parts(d_model, a, dense_unit):
+  """Rows of the rest's profile: one layer's attention (the decoder's own MultiHeadAttention)
+  and its parts at the model's shapes, each timed interleaved with `dense_unit` (the dense FFN
+  alone, measure_unit's call): the q/k/v/o projections (the module's four einsums), the core
+  (layers.attention.dot_product_attention under the causal mask) and, as a control, one
+  matmul with the core's executed MACs. MACs `counted` are what the model sows (the core: the
+  visible keys, t (t + 1) / 2 per head); `executed` what the program multiplies (the core: the
+  full t x t square of scores and of the value product)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from layers.attention import MultiHeadAttention, causal_mask, dot_product_attention  # pylint: disable=g-import-not-at-top
+  b, t, hd = a.batch, a.seq_len, 64
+  h = max(1, d_model // hd)
+  inner = h * hd
+  keys = jax.random.split(jax.random.key(4), 6)
+  x = jax.random.normal(keys[0], (b, t, d_model), jnp.float32)
+  pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  attn = MultiHeadAttention(h, hd)
+  params = attn.init(keys[1], x, pos)
+  w = [jax.random.normal(k, (d_model, h, hd), jnp.float32) * d_model ** -0.5 for k in keys[2:6]]
+  q, k, v = (jax.random.normal(kk, (b, t, h, hd), jnp.float32) for kk in keys[3:6])
+  mask = causal_mask(pos, pos)
+  control_a = jax.random.normal(keys[2], (b * h * t, hd), jnp.float32)
+  control_b = jax.random.normal(keys[3], (hd, 2 * t), jnp.float32)
+
+  def projections(x, wq, wk, wv, wo):
+    qkv = sum(jnp.einsum("btd,dhk->bthk", x, m) for m in (wq, wk, wv))
+    return jnp.einsum("bthk,dhk->btd", qkv, wo)
+
+  core_counted = b * h * hd * t * (t + 1)  # scores and value product over the visible keys
+  core_executed = 2 * b * h * t * t * hd
+  parts = [
+      ("attention module (one layer)", jax.jit(lambda p, x: attn.apply(p, x, pos)), (params, x),
+       4 * b * t * d_model * inner + core_counted, 4 * b * t * d_model * inner + core_executed),
+      ("  q/k/v/o projections", jax.jit(projections), (x, *w),
+       4 * b * t * d_model * inner, 4 * b * t * d_model * inner),
+      ("  core: causal softmax attention", jax.jit(lambda q, k, v: dot_product_attention(
+          q, k, v, mask)), (q, k, v), core_counted, core_executed),
+      ("  control: one matmul of the core's executed MACs", jax.jit(jnp.dot),
+       (control_a, control_b), 0, core_executed),
+  ]
+  rows = []
+  for part, fn, args, counted, executed in parts:
+    print(f"d_model {d_model}: rest profile, {part.strip()}", file=sys.stderr, flush=True)
+    stats = timed_stats(fn, args, a.repeats, dense_unit)
+    rows.append({"d_model": d_model, "part": part.strip(), "ms": stats["ms"],
+                 "t_vs_dense_ffn": stats["rel"], "macs_counted": counted,
+                 "macs_executed": executed,
+                 "gflops_executed": 2 * executed / (stats["ms"] / 1000) / 1e9})
+  return rows
+
+
 def breakdown(names, d_model, a, whole, dense_forward):
   """Rows of the profile for the methods whose FFN routes: the FFN alone (measure_unit) against
   the dense FFN alone, the in-model rest (measure_rest, against `dense_forward`, the dense
@@ -393,6 +446,7 @@ def breakdown(names, d_model, a, whole, dense_forward):
   model_dense_macs = whole["dense"]["infer"]["macs"]
   rest = measure_rest(d_model, a, dense_forward)
   rest_rel = rest["rel"]  # the rest's share of the dense forward's time
+  parts = measure_attention_parts(d_model, a, dense_call)
   rows = []
   for name in names:
     files = METHODS[name][0]
@@ -413,7 +467,7 @@ def breakdown(names, d_model, a, whole, dense_forward):
                  "rest_macs_share": rest["macs"] / model_dense_macs,
                  "model_ms": res["ms"], "floor_t_rel": floor, "floor_ratio": floor / model_macs,
                  "model_vs_floor": res["rel"] / floor})
-  return rows
+  return rows, parts
 
 
 # AS-ViT at a research width: a ViT on 224 x 224 images in 16 x 16 patches (196 tokens + the
@@ -529,7 +583,7 @@ def main(argv=None):
   print(f"device {device.device_kind} ({device.platform}), jax {jax.__version__}, float32; "
         f"matmul peak {peak:.1f} GFLOP/s; {a.num_layers} layers, batch {a.batch} x "
         f"{a.seq_len} tokens, median of {a.repeats}", flush=True)
-  rows, units = [], []
+  rows, units, attention_parts = [], [], []
   for d in [int(x) for x in a.d_models.split(",")]:
     results, refs = {}, {}
     for name in names:
@@ -543,7 +597,8 @@ def main(argv=None):
         raise SystemExit(f"ERROR: the dense reference failed at d_model {d}; see above.")
     dense = results["dense"]
     if a.breakdown and "infer" in dense:
-      units += breakdown(names, d, a, results, refs["infer"])
+      unit_rows, part_rows = breakdown(names, d, a, results, refs["infer"])
+      units, attention_parts = units + unit_rows, attention_parts + part_rows
     refs.clear()  # the dense calls (and the train state they hold) are not needed past here
     # MACs per token of the dense model: its timed forward's, or (training only) one forward.
     dense_macs = dense["infer"]["macs"] if "infer" in dense else _model_macs("dense", d, a)
@@ -616,9 +671,21 @@ def main(argv=None):
             f"| {r['unit_t_rel']:.3f} | {r['unit_macs_rel']:.3f} | {r['unit_ratio']:.2f} | "
             f"{r['rest_share']:.2f} | {r['rest_macs_share']:.2f} | {r['floor_ratio']:.2f} | "
             f"{r['model_vs_floor']:.2f} |")
+  if attention_parts:
+    print("\nProfile of the rest: one layer's attention and its parts, each timed interleaved "
+          "with the dense FFN alone (x dense FFN: the part's time over the FFN's); MACs counted "
+          "are what the model sows (the core's visible keys), executed what the program "
+          "multiplies (the core's full t x t square); GFLOP/s of the executed MACs:\n")
+    print("| d_model | part | ms | x dense FFN | GMACs counted | GMACs executed | GFLOP/s |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
+    for r in attention_parts:
+      print(f"| {r['d_model']} | {r['part']} | {r['ms']:.2f} | {r['t_vs_dense_ffn']:.3f} | "
+            f"{r['macs_counted'] / 1e9:.3f} | {r['macs_executed'] / 1e9:.3f} | "
+            f"{r['gflops_executed']:.1f} |")
   if a.output:
     with open(a.output, "w") as f:
-      json.dump({"peak_gflops": peak, "rows": rows, "units": units}, f, indent=2)
+      json.dump({"peak_gflops": peak, "rows": rows, "units": units,
+                 "attention_parts": attention_parts}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from adacomp import sharding, training
 from adacomp.models import build
 from adacomp.models.decoder import DecoderConfig, DecoderLM
 from layers.block import DecoderBlock
-from layers.duo import BIG, SKIP, SMALL, DuoFFN
+from layers.duo import BIG, SKIP, SMALL, DuoFFN, ragged_ffn
 from layers.mlp import DenseFFN
 
 B, T, D, F = 2, 8, 16, 64
@@ -333,6 +333,31 @@ def test_sorted_path_equals_masked_path(impl, activation, p):
   np.testing.assert_array_equal(macs, want_macs)
   if activation == "gelu":  # the model's exact GeLU, written independently in numpy
     np.testing.assert_allclose(y, _expected(p, x, routes), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_small, n_big", [(17, 75), (0, 40), (33, 0), (1, 95), (0, 0)])
+def test_ragged_ffn_runs_each_route_on_its_bucket_and_masks_the_padding(n_small, n_big):
+  """ragged_ffn on m = 96 rows in shuffled order, n_small small and n_big big routes (buckets
+  of 16, 32, 48, ... so most are padded; 17 + 75 puts the big bucket past the last row, where
+  it starts earlier and masks the small rows it covers): every row is its own route's FFN,
+  computed here row by row in numpy, and a skipped row is 0."""
+  m, d, f = 96, 8, 32
+  rng = np.random.default_rng(n_small * 100 + n_big)
+  routes = np.full(m, SKIP)
+  routes[:n_small], routes[n_small:n_small + n_big] = SMALL, BIG
+  routes = rng.permutation(routes)
+  x = rng.normal(size=(m, d)).astype(np.float32)
+  small = {"wi": rng.normal(size=(d, f // 4)).astype(np.float32),
+           "wo": rng.normal(size=(f // 4, d)).astype(np.float32)}
+  big = {"wi": rng.normal(size=(d, f)).astype(np.float32),
+         "wo": rng.normal(size=(f, d)).astype(np.float32)}
+  y = jax.jit(lambda x, r, s, b: ragged_ffn(x, r, s, b, "relu"))(x, jnp.asarray(routes),
+                                                                     small, big)
+  relu = lambda h: np.maximum(h, 0)
+  expected = np.stack([relu(x[i] @ big["wi"]) @ big["wo"] if r == BIG else
+                       relu(x[i] @ small["wi"]) @ small["wo"] if r == SMALL else np.zeros(d)
+                       for i, r in enumerate(routes)])
+  np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-4)
 
 
 def test_exact_mix_draws_round_p_t_of_each_route_per_row_at_uniform_positions(p):
