@@ -69,10 +69,10 @@ Compute paths (`compute`):
     otherwise (router, imposed or i.i.d. routes; a KV-cache decoding step's b rows)
     `ragged_ffn`: tokens sorted by route, each FFN once over a bucket of its own tokens
     (`lax.switch` over `selection.bucket_sizes`), so the forward pass does the routed work
-    plus fewer than ~1/16 of it in padding per module; its backward is the masked path's
-    (`cost_analysis` counts the switch's branches, not the one taken, so it does not show this
-    saving; wall time does). routed_ffn's kernels take plain FFNs only: a gated or biased Duo
-    runs these XLA paths on every platform.
+    plus its bucket's padding per module (under 1/8 of it above 256 rows); its backward is the
+    masked path's (`cost_analysis` counts a switch's costliest branch, the bucket of every
+    row, so it does not show this saving; wall time does). routed_ffn's kernels take plain
+    FFNs only: a gated or biased Duo runs these XLA paths on every platform.
 
 Random routes with `mix_exact` (stage-1 training): with a `routing` rng, each row gets exactly
 round(p_small * t) small and round(p_big * t) big tokens at uniformly random positions, instead
@@ -222,10 +222,11 @@ def ragged_ffn(x, routes, small, big, activation: str):
   """Each row of x [m, d] through the FFN of its route (routes [m]; SKIP rows give 0; small and
   big: `ffn_apply` parameter dicts), in XLA with static shapes: rows sorted small / big / skip,
   then each module runs once over a bucket of rows from its first one (`selection.bucketed`:
-  the module's row count rounded up to `bucket_sizes(m)`, fewer than ~1/16 of it padded), the
-  padded rows masked out. One matmul pair per module at about its own row count: the skipped
-  and other-module rows cost nothing. The backward pass is the masked path's (lax.switch over
-  data-dependent slots has no reverse mode that saves)."""
+  the module's row count rounded up to `bucket_sizes(m)`: at most 15 rows up to 256, under 1/8
+  above), the padded rows masked out. One matmul pair per module at about its own row count:
+  the skipped and other-module rows cost nothing. The backward pass is the masked path's
+  (differentiating through the switch would carry every bucket's residuals, zero-filled, into
+  the backward pass; a bucketed backward is not written)."""
   m, d = x.shape
 
   def forward(x, routes, small, big):

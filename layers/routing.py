@@ -62,10 +62,11 @@ Causal routing (MoD's remedy, arXiv 2404.02258 section 3.5, the auxiliary-predic
     dense). Rows never interact.
   * Compute in "causal" mode: "masked" runs the unit on every token (values), "gather" gathers
     the executed tokens into a static number of slots chosen at run time from buckets
-    (`bucket_sizes`: powers of two, then steps of ~1/16 of the size; `lax.switch`: slots =
-    the smallest bucket >= the executed count, of the flattened b * t tokens for the FFN, of
-    the longest row for the attention) and runs the unit on those only; at a decoding step (t = 1, batch 1) that is a `lax.cond`: a token that does not
-    execute costs the predictor (and the forecaster) only.
+    (`bucket_sizes`: powers of two, then multiples of 16 in steps that grow with the size,
+    under 1/8 of it above 256; `lax.switch`: slots = the smallest bucket >= the executed
+    count, of the flattened b * t tokens for the FFN, of the longest row for the attention)
+    and runs the unit on those only; at a decoding step (t = 1, batch 1) that is a
+    `lax.cond`: a token that does not execute costs the predictor (and the forecaster) only.
 
 Compute paths (`compute`):
   * "masked": the unit and the forecaster on every token, outputs selected by the decision:

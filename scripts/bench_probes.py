@@ -50,7 +50,8 @@ def probe_ragged(d, rows, rounds):
          "wo": jax.random.normal(k[1], (f, d)) * f ** -0.5}
   small = {"wi": jax.random.normal(k[2], (d, f // 4)) * d ** -0.5,
            "wo": jax.random.normal(k[3], (f // 4, d)) * f ** -0.5}
-  fns = {"masked": jax.jit(lambda x, r: duo._two_ffns_masked(x, r, small, big, "gelu")),  # pylint: disable=protected-access
+  masked = duo._two_ffns_masked  # pylint: disable=protected-access
+  fns = {"masked": jax.jit(lambda x, r: masked(x, r, small, big, "gelu")),
          "ragged": jax.jit(lambda x, r: duo.ragged_ffn(x, r, small, big, "gelu"))}
   print(f"\nragged_ffn, one FFN layer's forward (d {d}, d_ff {f}, small {f // 4}), "
         f"median of {rounds} rounds:\n")

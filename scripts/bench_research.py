@@ -622,7 +622,7 @@ def main(argv=None):
           shown = f"infer causal ({r['executed']:.2f} executed)"
         rows.append({"d_model": d, "method": name, "mode": shown, "ms": r["ms"], "t_rel": t_rel,
                      "macs_rel": mode_macs / dense_macs, "ratio": t_rel / (mode_macs / dense_macs),
-                     # XLA's count covers every lax.switch bucket of the causal path: not shown.
+                     # XLA counts a switch's costliest branch (every token's bucket): not shown.
                      "xla_rel": (float("nan") if mode == "infer causal"
                                  else r["flops"] / dense[ref]["flops"]), "gflops": gflops,
                      "peak_frac": gflops / peak, **_timing_fields(r)})

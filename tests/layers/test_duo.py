@@ -335,14 +335,17 @@ def test_sorted_path_equals_masked_path(impl, activation, p):
     np.testing.assert_allclose(y, _expected(p, x, routes), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("n_small, n_big", [(17, 75), (0, 40), (33, 0), (1, 95), (0, 0)])
-def test_ragged_ffn_runs_each_route_on_its_bucket_and_masks_the_padding(n_small, n_big):
-  """ragged_ffn on m = 96 rows in shuffled order, n_small small and n_big big routes (buckets
-  of 16, 32, 48, ... so most are padded; 17 + 75 puts the big bucket past the last row, where
-  it starts earlier and masks the small rows it covers): every row is its own route's FFN,
+@pytest.mark.parametrize("m, n_small, n_big", [
+    (96, 17, 75), (96, 0, 40), (96, 33, 0), (96, 1, 95), (96, 0, 0),
+    (5, 2, 3), (7, 3, 1), (300, 40, 259), (300, 150, 131)])
+def test_ragged_ffn_runs_each_route_on_its_bucket_and_masks_the_padding(m, n_small, n_big):
+  """ragged_ffn on m rows in shuffled order, n_small small and n_big big routes (buckets of
+  1, 2, 4, 8, then 16, 32, 48, ..., 272, 304, ... so most are padded; 17 + 75 of 96 and
+  40 + 259 of 300 put the big bucket past the last row, where it starts earlier and masks
+  the small rows it covers; m = 5, 7 decode-sized): every row is its own route's FFN,
   computed here row by row in numpy, and a skipped row is 0."""
-  m, d, f = 96, 8, 32
-  rng = np.random.default_rng(n_small * 100 + n_big)
+  d, f = 8, 32
+  rng = np.random.default_rng(m * 10_000 + n_small * 100 + n_big)
   routes = np.full(m, SKIP)
   routes[:n_small], routes[n_small:n_small + n_big] = SMALL, BIG
   routes = rng.permutation(routes)
