@@ -68,8 +68,8 @@ Compute paths (`compute`):
     each FFN on a static slice of its n_small / n_big tokens (the routed FLOPs again), and
     otherwise (router, imposed or i.i.d. routes; a KV-cache decoding step's b rows)
     `ragged_ffn`: tokens sorted by route, each FFN once over a bucket of its own tokens
-    (`lax.switch` over `selection.bucket_sizes`), so the forward pass does the routed work
-    plus its bucket's padding per module (under 1/8 of it above 256 rows); its backward is the
+    (`lax.switch` over multiples of about m / 8 rows), so the forward pass does the routed
+    work plus under m / 8 rows of padding per module; its backward is the
     masked path's (`cost_analysis` counts a switch's costliest branch, the bucket of every
     row, so it does not show this saving; wall time does). routed_ffn's kernels take plain
     FFNs only: a gated or biased Duo runs these XLA paths on every platform.
@@ -218,16 +218,25 @@ def _two_ffns_masked(x, routes, small, big, activation):
   return jnp.where(r == BIG, y_big, jnp.where(r == SMALL, y_small, jnp.zeros_like(y_big)))
 
 
+def ragged_chunk(m: int) -> int:
+  """The bucket step of `ragged_ffn` for m rows: a power of two in [8, 256], about m / 8, so a
+  module pads fewer than m / 8 rows (at most 256) and its switch has at most 9 branches (each
+  compiles an FFN: the finer `bucket_sizes` compiled 9-18x slower at m = 256-1024)."""
+  return max(8, min(256, 1 << max(-(-m // 8) - 1, 0).bit_length()))
+
+
 def ragged_ffn(x, routes, small, big, activation: str):
   """Each row of x [m, d] through the FFN of its route (routes [m]; SKIP rows give 0; small and
   big: `ffn_apply` parameter dicts), in XLA with static shapes: rows sorted small / big / skip,
   then each module runs once over a bucket of rows from its first one (`selection.bucketed`:
-  the module's row count rounded up to `bucket_sizes(m)`: at most 15 rows up to 256, under 1/8
-  above), the padded rows masked out. One matmul pair per module at about its own row count:
+  the module's row count rounded up to a multiple of `ragged_chunk(m)`, about m / 8), the
+  padded rows masked out. One matmul pair per module at about its own row count:
   the skipped and other-module rows cost nothing. The backward pass is the masked path's
   (differentiating through the switch would carry every bucket's residuals, zero-filled, into
   the backward pass; a bucketed backward is not written)."""
   m, d = x.shape
+  chunk = ragged_chunk(m)
+  sizes = sorted({0, m} | set(range(chunk, m, chunk)))  # at most 9 branches per module
 
   def forward(x, routes, small, big):
     order = jnp.argsort(jnp.where(routes == SKIP, NUM_ROUTES, routes), stable=True)
@@ -248,7 +257,7 @@ def ragged_ffn(x, routes, small, big, activation: str):
         return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(keep, y.astype(out.dtype),
                                                                   old), first, 0)
 
-      out = bucketed(count, m, module)
+      out = bucketed(count, m, module, sizes)
       start = start + count
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(m, dtype=order.dtype))
     return out[inverse]

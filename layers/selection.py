@@ -44,10 +44,12 @@ def bucket_sizes(n: int):
   return sorted(sizes)
 
 
-def bucketed(count, n: int, branch):
+def bucketed(count, n: int, branch, sizes=None):
   """branch(slots) for the smallest bucket `slots` >= count (a traced int), via lax.switch:
-  only the chosen branch runs, so the work follows the count (`bucket_sizes`' steps)."""
-  sizes = bucket_sizes(n)
+  only the chosen branch runs, so the work follows the count (`bucket_sizes`' steps, or the
+  sorted `sizes` given, which must end at n). Every branch is compiled: fewer sizes compile
+  faster and pad more."""
+  sizes = bucket_sizes(n) if sizes is None else sizes
   index = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), count.astype(jnp.int32))
   return jax.lax.switch(index, [functools.partial(branch, size) for size in sizes])
 

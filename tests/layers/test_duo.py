@@ -340,7 +340,7 @@ def test_sorted_path_equals_masked_path(impl, activation, p):
     (5, 2, 3), (7, 3, 1), (300, 40, 259), (300, 150, 131)])
 def test_ragged_ffn_runs_each_route_on_its_bucket_and_masks_the_padding(m, n_small, n_big):
   """ragged_ffn on m rows in shuffled order, n_small small and n_big big routes (buckets of
-  1, 2, 4, 8, then 16, 32, 48, ..., 272, 304, ... so most are padded; 17 + 75 of 96 and
+  multiples of ragged_chunk(m), so most are padded; 17 + 75 of 96 and
   40 + 259 of 300 put the big bucket past the last row, where it starts earlier and masks
   the small rows it covers; m = 5, 7 decode-sized): every row is its own route's FFN,
   computed here row by row in numpy, and a skipped row is 0."""
