@@ -9,6 +9,10 @@ In `decode` mode the module keeps `cached_key`, `cached_value` and `cache_index`
 collection: a call with T new tokens writes them at [index, index + T) and attends to every cache
 entry up to its own position. T = prompt length is a prefill, T = 1 a decode step; the cache's
 length is fixed by the input length at `init` time (as in the flax lm1b example).
+The full (non-decode) pass splits the queries into causal blocks of `causal_block` rows (128)
+when there are at least two: block i attends key blocks 0..i only, so the scores and value
+products execute (n + 1) / 2n of the t x t square (3/4 at t = 256, 5/8 at 512) and the result
+is the same function (benchmarks/README.md, Research widths, for what it saves on the CPU).
 """
 from typing import Optional
 
@@ -29,9 +33,26 @@ def causal_mask(q_positions, k_positions, window: Optional[int] = None):
   return mask
 
 
-def dot_product_attention(q, k, v, mask, dtype=jnp.float32):
+CAUSAL_BLOCK = 128
+
+
+def causal_blocks(t: int, block: int = CAUSAL_BLOCK) -> int:
+  """How many query blocks of `block` rows a causal self-attention over t tokens splits into
+  (1: none). Blocks need block | t and at least two of them; block <= 0 turns them off."""
+  if block <= 0 or t % block or t < 2 * block:
+    return 1
+  return t // block
+
+
+def dot_product_attention(q, k, v, mask, dtype=jnp.float32, blocks: int = 1):
   """q: [b, q, h, d], k/v: [b, k, kv, d] with kv dividing h (kv < h: grouped-query attention),
   mask: [b, 1|h, q, k] bool. Softmax in float32.
+
+  blocks > 1 (causal self-attention only: q and k are the same tokens, and the mask hides
+  every key after its query in index order, as causal_mask does for positions that increase
+  along the sequence): query block i of q/blocks rows reads key blocks 0..i only, so the
+  scores and value products execute (blocks + 1) / (2 blocks) of the q x k square instead of
+  all of it, the same function (a key the mask hides contributes exp(min - max) = 0 exactly).
 
   Written for XLA's CPU and GPU dot emitters: the probabilities stay unnormalised through the
   value product (exp(s - max) @ v, then one division per query row instead of one per score)
@@ -39,6 +60,18 @@ def dot_product_attention(q, k, v, mask, dtype=jnp.float32):
   end). The same function as softmax(s) @ v; on the 2-core CPU at b 4, t 256, 16 heads of 64,
   34.6 ms -> 6.7 ms (benchmarks/README.md, Research widths).
   """
+  if blocks > 1:
+    tq, tk = q.shape[1], k.shape[1]
+    if tq != tk or tq % blocks:
+      raise ValueError(f"blocks={blocks} needs self-attention with the query length {tq} a "
+                       f"multiple of it (keys: {tk}); use blocks=1.")
+    size = tq // blocks
+    mask = jnp.broadcast_to(mask, mask.shape[:2] + (tq, tk))
+    return jnp.concatenate([
+        dot_product_attention(q[:, i * size:(i + 1) * size], k[:, :(i + 1) * size],
+                              v[:, :(i + 1) * size],
+                              mask[:, :, i * size:(i + 1) * size, :(i + 1) * size], dtype)
+        for i in range(blocks)], axis=1)
   b, tq, h, d = q.shape
   kv, tk = k.shape[2], k.shape[1]
   if kv != h:
@@ -109,6 +142,10 @@ class MultiHeadAttention(nn.Module):
   out_bias: bool = False
   rope_layout: str = "interleaved"
   window: Optional[int] = None
+  # Causal query blocks of this many rows skip the keys after them (dot_product_attention's
+  # `blocks`); 0 computes the whole square. Needs positions that increase along the sequence,
+  # as every caller's do (arange, offset by a cache start).
+  causal_block: int = CAUSAL_BLOCK
 
   @nn.compact
   def __call__(self, x, positions, *, decode: bool = False):
@@ -153,7 +190,7 @@ class MultiHeadAttention(nn.Module):
     q = nn.with_logical_constraint(q, ("act_batch", "act_length", "act_heads", "act_kv"))
     k = nn.with_logical_constraint(k, ("act_batch", "act_length", "act_heads", "act_kv"))
     out = dot_product_attention(q, k, v, causal_mask(positions, positions, self.window),
-                                self.dtype)
+                                self.dtype, blocks=causal_blocks(t, self.causal_block))
     self._sow_macs(b, t, d, positions)
     return output(out)
 

@@ -68,8 +68,8 @@ Compute paths (`compute`):
     each FFN on a static slice of its n_small / n_big tokens (the routed FLOPs again), and
     otherwise (router, imposed or i.i.d. routes; a KV-cache decoding step's b rows)
     `ragged_ffn`: tokens sorted by route, each FFN once over a bucket of its own tokens
-    (`lax.switch` over multiples of about m / 8 rows), so the forward pass does the routed
-    work plus under m / 8 rows of padding per module; its backward is the
+    (`lax.switch` over multiples of about m / 16 rows), so the forward pass does the routed
+    work plus under m / 8 (typically m / 16) rows of padding per module; its backward is the
     masked path's (`cost_analysis` counts a switch's costliest branch, the bucket of every
     row, so it does not show this saving; wall time does). routed_ffn's kernels take plain
     FFNs only: a gated or biased Duo runs these XLA paths on every platform.
@@ -219,24 +219,27 @@ def _two_ffns_masked(x, routes, small, big, activation):
 
 
 def ragged_chunk(m: int) -> int:
-  """The bucket step of `ragged_ffn` for m rows: a power of two in [8, 256], about m / 8, so a
-  module pads fewer than m / 8 rows (at most 256) and its switch has at most 9 branches (each
-  compiles an FFN: the finer `bucket_sizes` compiled 9-18x slower at m = 256-1024)."""
-  return max(8, min(256, 1 << max(-(-m // 8) - 1, 0).bit_length()))
+  """The bucket step of `ragged_ffn` for m rows: the power of two in [8, 256] at or above
+  m / 16 (64 at m = 1024), so a module pads fewer than that many rows and its switch has at
+  most 17 branches up to m = 4096. Each branch compiles an FFN: `bucket_sizes` (about 40 at
+  m = 1024) compiled 9-18x slower than a loop, and steps of m / 8 padded the big module's
+  ~512 rows of a 1024-row layer to 640 about half the time (Duo sorted inference at d_model
+  1024: 0.816 of dense's time against 0.787 with m / 16, benchmarks/README.md)."""
+  return max(8, min(256, 1 << max(-(-m // 16) - 1, 0).bit_length()))
 
 
 def ragged_ffn(x, routes, small, big, activation: str):
   """Each row of x [m, d] through the FFN of its route (routes [m]; SKIP rows give 0; small and
   big: `ffn_apply` parameter dicts), in XLA with static shapes: rows sorted small / big / skip,
   then each module runs once over a bucket of rows from its first one (`selection.bucketed`:
-  the module's row count rounded up to a multiple of `ragged_chunk(m)`, about m / 8), the
+  the module's row count rounded up to a multiple of `ragged_chunk(m)`, about m / 16), the
   padded rows masked out. One matmul pair per module at about its own row count:
   the skipped and other-module rows cost nothing. The backward pass is the masked path's
   (differentiating through the switch would carry every bucket's residuals, zero-filled, into
   the backward pass; a bucketed backward is not written)."""
-  m, d = x.shape
+  m = x.shape[0]
   chunk = ragged_chunk(m)
-  sizes = sorted({0, m} | set(range(chunk, m, chunk)))  # at most 9 branches per module
+  sizes = sorted({0, m} | set(range(chunk, m, chunk)))  # at most 17 branches up to m = 4096
 
   def forward(x, routes, small, big):
     order = jnp.argsort(jnp.where(routes == SKIP, NUM_ROUTES, routes), stable=True)

@@ -45,7 +45,8 @@ import jax.numpy as jnp
 from jax.typing import DTypeLike
 
 import pallas_kernels
-from layers.attention import causal_mask, decode_attention, dot_product_attention
+from layers.attention import (causal_blocks, causal_mask, decode_attention,
+                              dot_product_attention)
 from layers.rope import apply_rope
 
 DEFAULT_KEY_STD = 0.02
@@ -132,7 +133,8 @@ class PattentionAttention(nn.Module):
     q, k = apply_rope(q, positions, **rope), apply_rope(k, positions, **rope)
     q = nn.with_logical_constraint(q, ("act_batch", "act_length", "act_heads", "act_kv"))
     k = nn.with_logical_constraint(k, ("act_batch", "act_length", "act_heads", "act_kv"))
-    out = dot_product_attention(q, k, v, causal_mask(positions, positions), self.dtype)
+    out = dot_product_attention(q, k, v, causal_mask(positions, positions), self.dtype,
+                                blocks=causal_blocks(t))
     self._sow_macs(b, t, positions + 1)
     return out_proj(out.reshape(b, t, inner))
 

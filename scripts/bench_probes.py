@@ -1,8 +1,9 @@
-r"""Two CPU probes behind the Research-widths profile (benchmarks/README.md): small, standalone.
+r"""Three CPU probes behind the Research-widths profile (benchmarks/README.md): small, standalone.
 
-  python scripts/bench_probes.py                        # both probes
+  python scripts/bench_probes.py                        # all three probes
   python scripts/bench_probes.py --probe=ragged --d_model=512 --rounds=41
   python scripts/bench_probes.py --probe=attention_core --rounds=21
+  python scripts/bench_probes.py --probe=causal_blocks --seq_len=256 --rounds=21
 
 ragged          Duo's `ragged_ffn` (compute 'sorted' without static per-row counts: router
                 routes, evaluation draws, a decoding step) against the masked path (both FFNs
@@ -12,6 +13,10 @@ attention_core  The causal core's score product, [b, h, t, t] from q, k [b, t, h
                 formulations XLA could be given (the einsum the model uses, pre-transposed
                 operands, a batched matmul, lax.map over the batch-heads), against one matmul
                 of the same MACs: what the batched small products cost on this backend.
+causal_blocks   dot_product_attention's causal query blocks (layers.attention.causal_blocks):
+                the whole masked t x t square against query blocks of t/n rows that read only
+                the keys up to their block, forward and forward + backward, with the fraction
+                (n + 1) / 2n of the square each executes.
 
 Every variant runs once per round, the order reversed every other round (ABBA), medians of
 --rounds. Prints Markdown. A benchmark, never a test.
@@ -100,26 +105,59 @@ def probe_attention_core(batch, seq_len, heads, rounds):
     print(f"| {n} | {1e3 * secs[n]:.2f} | {rel[n]:.2f} | {2 * macs / secs[n] / 1e9:.1f} |")
 
 
+def probe_causal_blocks(batch, seq_len, heads, rounds):
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from layers.attention import causal_mask, dot_product_attention  # pylint: disable=g-import-not-at-top
+  hd, b, t, h = 64, batch, seq_len, heads
+  q, k, v = (jax.random.normal(jax.random.key(i), (b, t, h, hd)) for i in range(3))
+  pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  mask = causal_mask(pos, pos)
+  counts = [n for n in (1, 2, 4, 8) if t % n == 0 and t // n >= 16]
+  print(f"\nCausal query blocks, batch {b} x {t} tokens, {h} heads of {hd}, median of {rounds} "
+        f"rounds (time relative to the whole square, n = 1):\n")
+  print("| blocks n | rows per block | square executed | forward ms | x n = 1 | "
+        "fwd + bwd ms | x n = 1 |")
+  print("|---:|---:|---:|---:|---:|---:|---:|")
+  fwd = {n: jax.jit(lambda q, k, v, n=n: dot_product_attention(q, k, v, mask, blocks=n))
+         for n in counts}
+  both = {n: jax.jit(jax.grad(lambda q, k, v, n=n: jnp.sum(
+      dot_product_attention(q, k, v, mask, blocks=n) ** 2), argnums=(0, 1, 2)))
+          for n in counts}
+  for n in counts[1:]:
+    np.testing.assert_allclose(fwd[n](q, k, v), fwd[1](q, k, v), atol=1e-5)
+  f_secs, f_rel = _interleaved(fwd, {n: (q, k, v) for n in counts}, rounds)
+  b_secs, b_rel = _interleaved(both, {n: (q, k, v) for n in counts}, rounds)
+  for n in counts:
+    print(f"| {n} | {t // n} | {(n + 1) / (2 * n):.3f} | {1e3 * f_secs[n]:.2f} | "
+          f"{f_rel[n]:.3f} | {1e3 * b_secs[n]:.2f} | {b_rel[n]:.3f} |", flush=True)
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--probe", default="ragged,attention_core")
+  p.add_argument("--probe", default="ragged,attention_core,causal_blocks")
   p.add_argument("--d_model", type=int, default=512, help="ragged: the FFN's d_model")
   p.add_argument("--rows", default="32,256,1024,2048", help="ragged: row counts m")
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--seq_len", type=int, default=256)
-  p.add_argument("--heads", type=int, default=16, help="attention_core: d_model 1024's 16")
+  p.add_argument("--heads", type=int, default=16,
+                 help="attention_core, causal_blocks: d_model 1024's 16")
   p.add_argument("--rounds", type=int, default=21)
   a = p.parse_args(argv)
   probes = [x.strip() for x in a.probe.split(",") if x.strip()]
-  unknown = set(probes) - {"ragged", "attention_core"}
+  unknown = set(probes) - {"ragged", "attention_core", "causal_blocks"}
   if unknown:
-    p.error(f"unknown --probe {sorted(unknown)}; choose from ragged, attention_core")
+    p.error(f"unknown --probe {sorted(unknown)}; choose from ragged, attention_core, "
+            f"causal_blocks")
   import jax  # pylint: disable=g-import-not-at-top
   print(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}, float32")
   if "ragged" in probes:
     probe_ragged(a.d_model, [int(m) for m in a.rows.split(",")], a.rounds)
   if "attention_core" in probes:
     probe_attention_core(a.batch, a.seq_len, a.heads, a.rounds)
+  if "causal_blocks" in probes:
+    probe_causal_blocks(a.batch, a.seq_len, a.heads, a.rounds)
 
 
 if __name__ == "__main__":

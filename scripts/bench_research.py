@@ -387,13 +387,15 @@ def measure_attention_parts(d_model, a, dense_unit):
   """Rows of the rest's profile: one layer's attention (the decoder's own MultiHeadAttention)
   and its parts at the model's shapes, each timed interleaved with `dense_unit` (the dense FFN
   alone, measure_unit's call): the q/k/v/o projections (the module's four einsums), the core
-  (layers.attention.dot_product_attention under the causal mask) and, as a control, one
-  matmul with the core's executed MACs. MACs `counted` are what the model sows (the core: the
-  visible keys, t (t + 1) / 2 per head); `executed` what the program multiplies (the core: the
-  full t x t square of scores and of the value product)."""
+  (layers.attention.dot_product_attention under the causal mask, in the module's causal query
+  blocks) and, as a control, one matmul with the core's executed MACs. MACs `counted` are what
+  the model sows (the core: the visible keys, t (t + 1) / 2 per head); `executed` what the
+  program multiplies (the core: (n + 1) / 2n of the t x t square of scores and of the value
+  product, n = causal_blocks(t) query blocks)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from layers.attention import MultiHeadAttention, causal_mask, dot_product_attention  # pylint: disable=g-import-not-at-top
+  from layers.attention import (  # pylint: disable=g-import-not-at-top
+      MultiHeadAttention, causal_blocks, causal_mask, dot_product_attention)
   b, t, hd = a.batch, a.seq_len, 64
   h = max(1, d_model // hd)
   inner = h * hd
@@ -406,21 +408,22 @@ def measure_attention_parts(d_model, a, dense_unit):
   q, k, v = (jax.random.normal(kk, (b, t, h, hd), jnp.float32) for kk in keys[3:6])
   mask = causal_mask(pos, pos)
   control_a = jax.random.normal(keys[2], (b * h * t, hd), jnp.float32)
-  control_b = jax.random.normal(keys[3], (hd, 2 * t), jnp.float32)
 
   def projections(x, wq, wk, wv, wo):
     qkv = sum(jnp.einsum("btd,dhk->bthk", x, m) for m in (wq, wk, wv))
     return jnp.einsum("bthk,dhk->btd", qkv, wo)
 
   core_counted = b * h * hd * t * (t + 1)  # scores and value product over the visible keys
-  core_executed = 2 * b * h * t * t * hd
+  blocks = causal_blocks(t)  # the module's causal query blocks: (n + 1) / 2n of the square
+  core_executed = 2 * b * h * t * t * hd * (blocks + 1) // (2 * blocks)
+  control_b = jax.random.normal(keys[3], (hd, core_executed // (b * h * t * hd)), jnp.float32)
   parts = [
       ("attention module (one layer)", jax.jit(lambda p, x: attn.apply(p, x, pos)), (params, x),
        4 * b * t * d_model * inner + core_counted, 4 * b * t * d_model * inner + core_executed),
       ("  q/k/v/o projections", jax.jit(projections), (x, *w),
        4 * b * t * d_model * inner, 4 * b * t * d_model * inner),
       ("  core: causal softmax attention", jax.jit(lambda q, k, v: dot_product_attention(
-          q, k, v, mask)), (q, k, v), core_counted, core_executed),
+          q, k, v, mask, blocks=blocks)), (q, k, v), core_counted, core_executed),
       ("  control: one matmul of the core's executed MACs", jax.jit(jnp.dot),
        (control_a, control_b), 0, core_executed),
   ]
@@ -675,7 +678,8 @@ def main(argv=None):
     print("\nProfile of the rest: one layer's attention and its parts, each timed interleaved "
           "with the dense FFN alone (x dense FFN: the part's time over the FFN's); MACs counted "
           "are what the model sows (the core's visible keys), executed what the program "
-          "multiplies (the core's full t x t square); GFLOP/s of the executed MACs:\n")
+          "multiplies (the core: its causal query blocks, (n + 1) / 2n of the t x t square); "
+          "GFLOP/s of the executed MACs:\n")
     print("| d_model | part | ms | x dense FFN | GMACs counted | GMACs executed | GFLOP/s |")
     print("|---:|---|---:|---:|---:|---:|---:|")
     for r in attention_parts:
