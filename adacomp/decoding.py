@@ -69,7 +69,7 @@ class Decoder:
   def init_cache(self, batch: int, max_len: int):
     """Zero caches for every layer, stacked: {'attn': {cached_key: [L, b, max_len, h, d], ...}}."""
     x = jnp.zeros((batch, max_len, self.config.d_model), self._dtype)
-    pos = jnp.zeros((batch, max_len), jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32), (batch, max_len))
     shapes = jax.eval_shape(lambda: self.block.init(jax.random.key(0), x, pos)["cache"])
     return jax.tree.map(
         lambda s: jnp.zeros((self.config.num_layers,) + s.shape, s.dtype), shapes)

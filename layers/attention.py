@@ -9,10 +9,10 @@ In `decode` mode the module keeps `cached_key`, `cached_value` and `cache_index`
 collection: a call with T new tokens writes them at [index, index + T) and attends to every cache
 entry up to its own position. T = prompt length is a prefill, T = 1 a decode step; the cache's
 length is fixed by the input length at `init` time (as in the flax lm1b example).
-The full (non-decode) pass splits the queries into causal blocks of `causal_block` rows (128)
-when there are at least two: block i attends key blocks 0..i only, so the scores and value
-products execute (n + 1) / 2n of the t x t square (3/4 at t = 256, 5/8 at 512) and the result
-is the same function (benchmarks/README.md, Research widths, for what it saves on the CPU).
+The full (non-decode) pass splits the queries into n causal blocks of at least `causal_block`
+rows (128; n <= 8, see causal_blocks) when there are at least two: block i attends key blocks
+0..i only, so the scores and value products execute (n + 1) / 2n of the t x t square (3/4 at
+t = 256, 5/8 at 512) and the result is the same function (benchmarks/README.md, Research widths, for what it saves on the CPU).
 """
 from typing import Optional
 
@@ -34,14 +34,19 @@ def causal_mask(q_positions, k_positions, window: Optional[int] = None):
 
 
 CAUSAL_BLOCK = 128
+MAX_CAUSAL_BLOCKS = 8  # (n + 1) / 2n: 9/16 of the square at 8, and a bounded number of programs
 
 
 def causal_blocks(t: int, block: int = CAUSAL_BLOCK) -> int:
-  """How many query blocks of `block` rows a causal self-attention over t tokens splits into
-  (1: none). Blocks need block | t and at least two of them; block <= 0 turns them off."""
-  if block <= 0 or t % block or t < 2 * block:
+  """How many causal query blocks a self-attention over t tokens splits into (1: none): the
+  most n <= MAX_CAUSAL_BLOCKS that divides t with blocks of at least `block` rows (256 -> 2,
+  512 -> 4, 2048 -> 8 blocks of 256 at block 128); block <= 0 turns them off."""
+  if block <= 0:
     return 1
-  return t // block
+  for n in range(min(t // block, MAX_CAUSAL_BLOCKS), 1, -1):
+    if t % n == 0:
+      return n
+  return 1
 
 
 def dot_product_attention(q, k, v, mask, dtype=jnp.float32, blocks: int = 1):
@@ -142,9 +147,9 @@ class MultiHeadAttention(nn.Module):
   out_bias: bool = False
   rope_layout: str = "interleaved"
   window: Optional[int] = None
-  # Causal query blocks of this many rows skip the keys after them (dot_product_attention's
-  # `blocks`); 0 computes the whole square. Needs positions that increase along the sequence,
-  # as every caller's do (arange, offset by a cache start).
+  # Causal query blocks of at least this many rows skip the keys after them (causal_blocks,
+  # dot_product_attention's `blocks`); 0 computes the whole square. Needs positions that
+  # increase along the sequence, as every caller's do (arange, offset by a cache start).
   causal_block: int = CAUSAL_BLOCK
 
   @nn.compact

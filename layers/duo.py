@@ -69,7 +69,8 @@ Compute paths (`compute`):
     otherwise (router, imposed or i.i.d. routes; a KV-cache decoding step's b rows)
     `ragged_ffn`: tokens sorted by route, each FFN once over a bucket of its own tokens
     (`lax.switch` over multiples of about m / 16 rows), so the forward pass does the routed
-    work plus under m / 8 (typically m / 16) rows of padding per module; its backward is the
+    work plus under one step of padding per module (under m / 8 rows for m >= 128, half a step
+    on average); its backward is the
     masked path's (`cost_analysis` counts a switch's costliest branch, the bucket of every
     row, so it does not show this saving; wall time does). routed_ffn's kernels take plain
     FFNs only: a gated or biased Duo runs these XLA paths on every platform.

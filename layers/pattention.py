@@ -45,7 +45,7 @@ import jax.numpy as jnp
 from jax.typing import DTypeLike
 
 import pallas_kernels
-from layers.attention import (causal_blocks, causal_mask, decode_attention,
+from layers.attention import (CAUSAL_BLOCK, causal_blocks, causal_mask, decode_attention,
                               dot_product_attention)
 from layers.rope import apply_rope
 
@@ -105,6 +105,7 @@ class PattentionAttention(nn.Module):
   impl: Optional[str] = None
   dtype: DTypeLike = jnp.float32
   param_dtype: DTypeLike = jnp.float32
+  causal_block: int = CAUSAL_BLOCK  # as MultiHeadAttention's (layers.attention.causal_blocks)
 
   def _pattention(self, name, n, tau_tokens, features):
     return Pattention(n, features, tau_tokens=tau_tokens, key_std=self.key_std,
@@ -134,7 +135,7 @@ class PattentionAttention(nn.Module):
     q = nn.with_logical_constraint(q, ("act_batch", "act_length", "act_heads", "act_kv"))
     k = nn.with_logical_constraint(k, ("act_batch", "act_length", "act_heads", "act_kv"))
     out = dot_product_attention(q, k, v, causal_mask(positions, positions), self.dtype,
-                                blocks=causal_blocks(t))
+                                blocks=causal_blocks(t, self.causal_block))
     self._sow_macs(b, t, positions + 1)
     return out_proj(out.reshape(b, t, inner))
 

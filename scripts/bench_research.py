@@ -414,7 +414,7 @@ def measure_attention_parts(d_model, a, dense_unit):
     return jnp.einsum("bthk,dhk->btd", qkv, wo)
 
   core_counted = b * h * hd * t * (t + 1)  # scores and value product over the visible keys
-  blocks = causal_blocks(t)  # the module's causal query blocks: (n + 1) / 2n of the square
+  blocks = causal_blocks(t, attn.causal_block)  # the module's: (n + 1) / 2n of the square
   core_executed = 2 * b * h * t * t * hd * (blocks + 1) // (2 * blocks)
   control_b = jax.random.normal(keys[3], (hd, core_executed // (b * h * t * hd)), jnp.float32)
   parts = [

@@ -178,8 +178,9 @@ def test_causal_query_blocks_are_the_same_function_values_and_gradients():
   for blocks in (2, 4):
     executed = (blocks + 1) / (2 * blocks)
     assert executed <= flops(blocks) / flops(1) < executed + 0.03
-  # The split: block rows dividing t, at least two blocks; otherwise the whole square.
-  assert [causal_blocks(t, 128) for t in (256, 512, 384, 200, 128, 64)] == [2, 4, 3, 1, 1, 1]
+  # The split: n blocks dividing t, at least two; otherwise the whole square.
+  assert [causal_blocks(t, 128) for t in (256, 512, 384, 300, 2048, 200, 128)] == [
+      2, 4, 3, 2, 8, 1, 1]  # at most 8 blocks, each of at least 128 rows, dividing t
   assert causal_blocks(256, 0) == 1
   with pytest.raises(ValueError, match="self-attention"):  # more keys than queries
     dot_product_attention(jnp.zeros((1, 4, 2, hd)), jnp.zeros((1, 6, 2, hd)),

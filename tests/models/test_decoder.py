@@ -1,3 +1,5 @@
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -5,6 +7,8 @@ import numpy as np
 import pytest
 
 from adacomp.models.decoder import DecoderConfig, DecoderLM
+from layers.attention import MultiHeadAttention
+from layers.pattention import PattentionAttention
 
 CFG = DecoderConfig(vocab_size=40, num_layers=3, d_model=32, num_heads=2, head_dim=16, d_ff=64,
                     max_len=64)
@@ -44,10 +48,20 @@ def test_logits_are_causal():
   assert not np.allclose(a[0, 6:], b[0, 6:])
 
 
-@pytest.mark.parametrize("scan", [True, False])
-def test_kv_cache_prefill_and_decode_match_the_full_forward_pass(scan):
+# The full pass's attention in 4 causal query blocks of 3 rows (t = 12); prefill and decode
+# steps attend through the cache, without blocks.
+BLOCKED = {"blocks": functools.partial(MultiHeadAttention, causal_block=3),
+           "tokenformer_blocks": functools.partial(PattentionAttention, n_qkv=16, n_out=16,
+                                                   causal_block=3)}
+
+
+@pytest.mark.parametrize("scan, attention", [(True, None), (False, None), (True, "blocks"),
+                                             (True, "tokenformer_blocks")])
+def test_kv_cache_prefill_and_decode_match_the_full_forward_pass(scan, attention):
   cfg = DecoderConfig(**{**CFG.__dict__, "scan_layers": scan})
-  ids = jax.random.randint(jax.random.key(1), (2, 11), 0, 40)
+  if attention:
+    cfg = DecoderConfig(**{**cfg.__dict__, "attention_cls": BLOCKED[attention]})
+  ids = jax.random.randint(jax.random.key(1), (2, 12), 0, 40)
   params = _params(DecoderLM(cfg), ids)
   full = DecoderLM(cfg).apply({"params": params}, ids)
 
@@ -57,7 +71,7 @@ def test_kv_cache_prefill_and_decode_match_the_full_forward_pass(scan):
                                   mutable=["cache"])
   steps = [logits]
   cache = mutated["cache"]
-  for t in range(5, 11):
+  for t in range(5, 12):
     logits, mutated = decoder.apply({"params": params, "cache": cache}, ids[:, t:t + 1],
                                     mutable=["cache"])
     cache = mutated["cache"]
@@ -108,3 +122,4 @@ def test_imposed_routes_reach_each_layers_ffn_at_each_token():
   ones = scanned.apply({"params": params}, ids, routes=jnp.ones_like(routes))
   assert not np.allclose(got, ones, atol=1e-4)
   np.testing.assert_allclose(ones, scanned.apply({"params": params}, ids), rtol=1e-5, atol=1e-5)
+
