@@ -12,7 +12,8 @@ length is fixed by the input length at `init` time (as in the flax lm1b example)
 The full (non-decode) pass splits the queries into n causal blocks of at least `causal_block`
 rows (128; n <= 8, see causal_blocks) when there are at least two: block i attends key blocks
 0..i only, so the scores and value products execute (n + 1) / 2n of the t x t square (3/4 at
-t = 256, 5/8 at 512) and the result is the same function (benchmarks/README.md, Research widths, for what it saves on the CPU).
+t = 256, 5/8 at 512) and the result is the same function (what it saves on the CPU:
+benchmarks/README.md, Research widths).
 """
 from typing import Optional
 
@@ -71,7 +72,6 @@ def dot_product_attention(q, k, v, mask, dtype=jnp.float32, blocks: int = 1):
       raise ValueError(f"blocks={blocks} needs self-attention with the query length {tq} a "
                        f"multiple of it (keys: {tk}); use blocks=1.")
     size = tq // blocks
-    mask = jnp.broadcast_to(mask, mask.shape[:2] + (tq, tk))
     return jnp.concatenate([
         dot_product_attention(q[:, i * size:(i + 1) * size], k[:, :(i + 1) * size],
                               v[:, :(i + 1) * size],

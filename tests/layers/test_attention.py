@@ -30,11 +30,12 @@ def _naive_attention(x, params, positions, num_heads, head_dim):
   return np.einsum("bthk,hkd->btd", out, p["out"])
 
 
-def test_attention_matches_textbook_causal_attention():
-  b, t, d, h, hd = 2, 7, 16, 2, 8
+@pytest.mark.parametrize("t, causal_block", [(7, 128), (8, 2)])  # one block; 4 blocks of 2
+def test_attention_matches_textbook_causal_attention(t, causal_block):
+  b, d, h, hd = 2, 16, 2, 8
   x = jax.random.normal(jax.random.key(0), (b, t, d))
   positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-  module = MultiHeadAttention(h, hd)
+  module = MultiHeadAttention(h, hd, causal_block=causal_block)
   params = jax.tree.map(lambda v: v.value if hasattr(v, "value") else v,
                         module.init(jax.random.key(1), x, positions)["params"],
                         is_leaf=lambda v: hasattr(v, "value"))
@@ -155,13 +156,13 @@ def test_causal_query_blocks_are_the_same_function_values_and_gradients():
     k = jax.random.normal(jax.random.key(kv + 10), (b, t, kv, hd))
     v = jax.random.normal(jax.random.key(kv + 20), (b, t, kv, hd))
     mask = causal_mask(positions, positions, window)
-    # Outputs and gradients of both in one compiled call (op-by-op the blocks are slow to run).
-    both = jax.jit(lambda q, k, v, mask, blocks=blocks: [jax.value_and_grad(
-        lambda *qkv: (lambda out: (jnp.sum(out * weights), out))(f(*qkv, mask)),
-        argnums=(0, 1, 2), has_aux=True)(
-            q, k, v) for f in (functools.partial(dot_product_attention, blocks=blocks),
-                               _softmax_attention)])
-    ((_, got), got_g), ((_, want), want_g) = both(q, k, v, mask)
+    # Output and gradients, compiled (op by op the blocks are slow to run).
+    def out_and_grads(f, mask=mask):
+      loss = lambda *qkv: jnp.sum(f(*qkv, mask) * weights)
+      return jax.jit(lambda *qkv: (f(*qkv, mask), jax.grad(loss, argnums=(0, 1, 2))(*qkv)))
+
+    got, got_g = out_and_grads(functools.partial(dot_product_attention, blocks=blocks))(q, k, v)
+    want, want_g = out_and_grads(_softmax_attention)(q, k, v)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     for g, w in zip(got_g, want_g):
       np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
@@ -185,16 +186,3 @@ def test_causal_query_blocks_are_the_same_function_values_and_gradients():
   with pytest.raises(ValueError, match="self-attention"):  # more keys than queries
     dot_product_attention(jnp.zeros((1, 4, 2, hd)), jnp.zeros((1, 6, 2, hd)),
                           jnp.zeros((1, 6, 2, hd)), jnp.ones((1, 1, 4, 6), bool), blocks=2)
-
-
-def test_attention_module_with_causal_blocks_matches_textbook():
-  b, t, d, h, hd = 2, 8, 16, 2, 8
-  x = jax.random.normal(jax.random.key(0), (b, t, d))
-  positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-  module = MultiHeadAttention(h, hd, causal_block=2)  # 4 query blocks of 2 rows
-  params = module.init(jax.random.key(1), x, positions)["params"]
-  params = jax.tree.map(lambda v: v.value if hasattr(v, "value") else v, params,
-                        is_leaf=lambda v: hasattr(v, "value"))
-  got = module.apply({"params": params}, x, positions)
-  want = _naive_attention(np.asarray(x), params, positions, h, hd)
-  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

@@ -122,4 +122,3 @@ def test_imposed_routes_reach_each_layers_ffn_at_each_token():
   ones = scanned.apply({"params": params}, ids, routes=jnp.ones_like(routes))
   assert not np.allclose(got, ones, atol=1e-4)
   np.testing.assert_allclose(ones, scanned.apply({"params": params}, ids), rtol=1e-5, atol=1e-5)
-
