@@ -12,7 +12,8 @@ ragged          Duo's `ragged_ffn` (compute 'sorted' without static per-row coun
 attention_core  The causal core's score product, [b, h, t, t] from q, k [b, t, h, 64], in the
                 formulations XLA could be given (the einsum the model uses, pre-transposed
                 operands, a batched matmul, lax.map over the batch-heads), against one matmul
-                of the same MACs: what the batched small products cost on this backend.
+                of the same MACs: what the batched small products cost on this backend, and
+                how many cores each keeps busy (user CPU time over wall time).
 causal_blocks   dot_product_attention's causal query blocks (layers.attention.causal_blocks):
                 the whole masked t x t square against query blocks of t/n rows that read only
                 the keys up to their block, forward and forward + backward, with the fraction
@@ -42,6 +43,21 @@ def _interleaved(fns, args, rounds):
   first = times[names[0]]
   rel = {n: statistics.median(a / b for a, b in zip(times[n], first)) for n in names}
   return {n: statistics.median(times[n]) for n in names}, rel
+
+
+def _threads(fn, args, rounds):
+  """Median over `rounds` calls of user CPU time over wall time: how many cores a call keeps
+  busy (getrusage counts every thread of the process)."""
+  import resource  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.block_until_ready(fn(*args))
+  ratios = []
+  for _ in range(rounds):
+    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    t1, r1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+    ratios.append((r1.ru_utime - r0.ru_utime) / (t1 - t0))
+  return statistics.median(ratios)
 
 
 def probe_ragged(d, rows, rounds):
@@ -99,10 +115,12 @@ def probe_attention_core(batch, seq_len, heads, rounds):
   macs = b * h * t * t * hd
   print(f"\nThe attention core's score product, batch {b} x {t} tokens, {h} heads of {hd} "
         f"({macs / 1e9:.3f} GMACs), median of {rounds} rounds:\n")
-  print("| formulation | ms | x one matmul | GFLOP/s |")
-  print("|---|---:|---:|---:|")
+  print("| formulation | ms | x one matmul | GFLOP/s | threads |")
+  print("|---|---:|---:|---:|---:|")
   for n in fns:
-    print(f"| {n} | {1e3 * secs[n]:.2f} | {rel[n]:.2f} | {2 * macs / secs[n] / 1e9:.1f} |")
+    threads = _threads(fns[n], variants[n][1], rounds)
+    print(f"| {n} | {1e3 * secs[n]:.2f} | {rel[n]:.2f} | {2 * macs / secs[n] / 1e9:.1f} | "
+          f"{threads:.2f} |", flush=True)
 
 
 def probe_causal_blocks(batch, seq_len, heads, rounds):

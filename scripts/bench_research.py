@@ -14,7 +14,8 @@ dense decoder of the same shape:
            (`gather` for routed units and Duo, token pruning for AS-ViT). Routed units (informed,
            MoD) twice: with their teacher-forced top-k ("not causal": no generating model can
            route so) and with causal decisions ("infer causal", what eval.py and generation
-           run), the fresh predictors' thresholds bisected to execute 1 - sparsity.
+           run), each fresh predictor's threshold fitted to its layer's sparsity quantile
+           (calibrate_causal: each layer executes 1 - sparsity of the tokens).
 
 Columns:
   ms        median wall time (--repeats calls after 2 warm-up calls);
@@ -32,11 +33,13 @@ Columns:
 
 Two reference rows route nothing: the dense model with d_ff / 4 and d_ff / 2 (about the FFN
 MACs of the 75% and 50% routed rows), the ratio an FFN-only saving reaches on this backend
-before any routing cost. A second table gives each training step's CPU time (user: the
-arithmetic; sys: mostly page faults) and its user time over dense's. --breakdown adds the
-profile: each routed FFN alone, the in-model rest (the dense model with d_ff 8) and the floor
-they give, and the rest's own profile: one layer's attention, its projections, its core and a
-one-matmul control with the core's MACs, each against the dense FFN alone.
+before any routing cost. A second table gives every row's CPU time (user: the arithmetic; sys:
+mostly page faults), the cores it keeps busy, and its user time over dense's against its MACs:
+a wall ratio above that CPU ratio is time lost to idle cores. --breakdown adds the profile:
+each routed FFN alone, the in-model rest (the dense model with d_ff 8) and the floor they give,
+and the rest's own profile: one layer's attention, its projections, its core and a one-matmul
+control with the core's MACs, each against the dense FFN alone, and how many cores each keeps
+busy (user time over wall time).
 
 Generation tokens/s per method is `scripts/bench_generate.py`'s table. Prints Markdown and
 writes the rows as JSON to --output. A benchmark, never a test.
@@ -111,28 +114,36 @@ def _once(fn, args):
   return t1 - t0, r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime
 
 
-def timed_stats(fn, args, repeats, ref=None):
+def timed_stats(fn, args, repeats, ref=None, also=()):
   """Median wall, user and sys ms of `repeats` calls after 2 warm-up calls. With `ref` (fn,
   args) the reference runs in the same rounds, interleaved (ABBA order), and `rel` is the median
   of the per-round time ratios: a drift of the host's speed (20-30% within minutes on this VM)
-  hits both sides of each ratio instead of one row of the table."""
-  calls = [(fn, args)] + ([ref] if ref else [])
+  hits both sides of each ratio instead of one row of the table. `also`: more (fn, args) calls
+  timed in the same rounds, their stats (the same keys) in out["also"]: rows that are compared
+  with each other (a routed unit's top-k and causal twins) see the same host."""
+  calls = [(fn, args)] + list(also) + ([ref] if ref else [])
   for _ in range(2):
     for f, x in calls:
       _once(f, x)
-  own, other = [], []
+  got = [[] for _ in calls]
   for i in range(repeats):
     order = range(len(calls)) if i % 2 == 0 else reversed(range(len(calls)))
-    got = {k: _once(*calls[k]) for k in order}
-    own.append(got[0])
-    if ref:
-      other.append(got[1])
+    for k in order:
+      got[k].append(_once(*calls[k]))
   med = lambda xs, k: 1000 * statistics.median(x[k] for x in xs)
-  out = {"ms": med(own, 0), "user_ms": med(own, 1), "sys_ms": med(own, 2)}
-  if ref:
-    out["ref_ms"] = med(other, 0)
-    out["rel"] = statistics.median(a[0] / b[0] for a, b in zip(own, other))
-    out["user_rel"] = statistics.median(a[1] / max(b[1], 1e-9) for a, b in zip(own, other))
+
+  def stats(own):
+    out = {"ms": med(own, 0), "user_ms": med(own, 1), "sys_ms": med(own, 2)}
+    if ref:
+      other = got[-1]
+      out["ref_ms"] = med(other, 0)
+      out["rel"] = statistics.median(a[0] / b[0] for a, b in zip(own, other))
+      out["user_rel"] = statistics.median(a[1] / max(b[1], 1e-9) for a, b in zip(own, other))
+    return out
+
+  out = stats(got[0])
+  if also:
+    out["also"] = [stats(got[1 + k]) for k in range(len(also))]
   return out
 
 
@@ -223,12 +234,12 @@ def _forward(model, mask):
   return jax.jit(forward)
 
 
-def _time_forward(model, mask, params, ids, repeats, ref=None):
+def _time_forward(model, mask, params, ids, repeats, ref=None, also=()):
   """timed_stats of the evaluation forward pass (`_forward`), with "macs" (its mean sown MACs
   per token) and "fn", "args" (the call, for the rows that interleave with it)."""
   fwd = _forward(model, mask)
   macs = float(fwd(params, ids)[1])
-  return dict(timed_stats(fwd, (params, ids), repeats, ref), macs=macs, fn=fwd,
+  return dict(timed_stats(fwd, (params, ids), repeats, ref, also), macs=macs, fn=fwd,
               args=(params, ids))
 
 
@@ -256,33 +267,50 @@ def _init(model, ids, tx=None, abstract=False):
   return jax.eval_shape(init) if abstract else init()
 
 
-def calibrate_causal(model, params, ids, sparsity, iterations=24):
-  """Fresh causal predictors with thresholds set so each routed FFN executes 1 - sparsity of
-  the tokens (a trained model's pinball-fitted thresholds do that): a joint bisection of every
-  layer's `causal_threshold` on the fraction it executes in the causal pass. Returns params and
-  the executed fraction per layer."""
+def calibrate_causal(model, params, ids, sparsity):
+  """Fresh causal predictors with each routed FFN's threshold fitted to its own sparsity
+  quantile, as a trained model's pinball loss fits it on training data: layer by layer (a
+  layer's inputs depend on the thresholds below it), tau_l halfway between the k-th and
+  (k + 1)-th largest predictor logits of layer l over the tokens of `ids`, k = (1 - sparsity)
+  of them, so exactly k execute there: `measure` fits them on the timed batch, so a causal row
+  executes the work of its top-k twin and the two differ by the causal path's own costs. (On
+  other data a trained threshold's count varies around its share, and the sown MACs follow
+  it. The joint bisection of every layer's threshold used before left layers at 0.18-0.37
+  of the tokens: the layers below moved after a layer's bracket had closed.)"""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   @jax.jit
-  def executed(params):
-    _, mut = model.apply({"params": params}, ids, mutable=["intermediates"])
-    return jnp.mean(mut["intermediates"]["blocks"]["ffn"]["executed"][0], axis=(1, 2))
+  def run(params):
+    _, mut = model.apply({"params": params}, ids, mutable=["intermediates"],
+                         capture_intermediates=lambda module, _: module.name == "causal")
+    ffn = mut["intermediates"]["blocks"]["ffn"]
+    return ffn["causal"]["__call__"][0][..., 0]
 
   def with_threshold(tau):
     ffn = dict(params["blocks"]["ffn"], causal_threshold=jnp.asarray(tau, jnp.float32))
     return dict(params, blocks=dict(params["blocks"], ffn=ffn))
 
-  layers = params["blocks"]["ffn"]["causal_threshold"].shape[0]
-  lo, hi = np.full(layers, -20.0), np.full(layers, 20.0)
-  for _ in range(iterations):
-    mid = (lo + hi) / 2
-    frac = np.asarray(executed(with_threshold(mid)))
-    too_many = frac > 1 - sparsity
-    lo, hi = np.where(too_many, mid, lo), np.where(too_many, hi, mid)
-  tau = (lo + hi) / 2
-  return with_threshold(tau), np.asarray(executed(with_threshold(tau)))
+  tau = np.asarray(params["blocks"]["ffn"]["causal_threshold"], np.float32).copy()
+  k = int(round((1 - sparsity) * ids.size))
+  for layer in range(tau.shape[0]):
+    logits = np.sort(np.asarray(run(with_threshold(tau))[layer]).reshape(-1))[::-1]
+    if k == 0:
+      tau[layer] = logits[0] + 1
+    elif k == logits.size:
+      tau[layer] = logits[-1] - 1
+    else:
+      tau[layer] = (logits[k - 1] + logits[k]) / 2
+  return with_threshold(tau)
+
+
+def causal_executed(model, params, ids):
+  """The fraction of the tokens of `ids` each routed FFN executes in the causal pass."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  _, mut = jax.jit(lambda p: model.apply({"params": p}, ids, mutable=["intermediates"]))(params)
+  return np.asarray(jnp.mean(mut["intermediates"]["blocks"]["ffn"]["executed"][0], axis=(1, 2)))
 
 
 def unrolled_flops(files, bindings, mode, ids, batch):
@@ -321,22 +349,29 @@ def measure(name, d_model, a, refs):
       refs["train"] = (run, (batch,))
   if "infer" in a.modes and infer_b is not None:
     model, mask, _ = build(files, sizes + train_b + infer_b)
-    res = _time_forward(model, mask, _init(model, ids), ids, a.repeats,
-                        None if is_ref else refs["infer"])
+    params = _init(model, ids)
+    if any(b.startswith("routed_ffn.compute") for b in infer_b):
+      # What generation and eval.py run: causal decisions (gather compute: the executed
+      # tokens in a bucket of slots, `routing.bucket_sizes`), thresholds fitted to the sparsity.
+      # Timed in the same rounds as the top-k twin (and dense): the two compare on one host.
+      causal_b = sizes + train_b + infer_b + ["routed_ffn.decision = 'causal'"]
+      c_model, c_mask, _ = build(files, causal_b)
+      sparsity = c_model.config.ffn_cls.keywords["sparsity"]  # the bound routed_ffn
+      c_params = calibrate_causal(c_model, _init(c_model, ids), ids, sparsity)
+      frac = causal_executed(c_model, c_params, ids)
+      c_fwd = _forward(c_model, c_mask)
+      c_macs = float(c_fwd(c_params, ids)[1])
+      res = _time_forward(model, mask, params, ids, a.repeats, refs["infer"],
+                          also=[(c_fwd, (c_params, ids))])
+      out["infer causal"] = dict(res.pop("also")[0], macs=c_macs, executed=float(np.mean(frac)),
+                                 flops=unrolled_flops(files, causal_b, "infer", ids, batch))
+    else:
+      res = _time_forward(model, mask, params, ids, a.repeats,
+                          None if is_ref else refs["infer"])
     if is_ref:
       refs["infer"] = (res["fn"], res["args"])
     out["infer"] = dict(res, flops=unrolled_flops(files, sizes + train_b + infer_b, "infer", ids,
                                                   batch))
-    if any(b.startswith("routed_ffn.compute") for b in infer_b):
-      # What generation and eval.py run: causal decisions (gather compute: the executed
-      # tokens in a bucket of slots, `routing.bucket_sizes`), thresholds calibrated to the sparsity.
-      causal_b = sizes + train_b + infer_b + ["routed_ffn.decision = 'causal'"]
-      model, mask, _ = build(files, causal_b)
-      sparsity = model.config.ffn_cls.keywords["sparsity"]  # the bound routed_ffn
-      params, frac = calibrate_causal(model, _init(model, ids), ids, sparsity)
-      res = _time_forward(model, mask, params, ids, a.repeats, refs["infer"])
-      out["infer causal"] = dict(res, flops=unrolled_flops(files, causal_b, "infer", ids, batch),
-                                 executed=float(np.mean(frac)))
   for res in out.values():  # the calls are not kept past this method, except the reference's
     res.pop("fn", None)
     res.pop("args", None)
@@ -434,7 +469,8 @@ def measure_attention_parts(d_model, a, dense_unit):
     rows.append({"d_model": d_model, "part": part.strip(), "ms": stats["ms"],
                  "t_vs_dense_ffn": stats["rel"], "macs_counted": counted,
                  "macs_executed": executed,
-                 "gflops_executed": 2 * executed / (stats["ms"] / 1000) / 1e9})
+                 "gflops_executed": 2 * executed / (stats["ms"] / 1000) / 1e9,
+                 "threads": stats["user_ms"] / stats["ms"]})
   return rows
 
 
@@ -648,18 +684,21 @@ def main(argv=None):
           f"{r['macs_rel']:.3f} | {r['ratio']:.2f} | {_num(r['xla_rel'], 3)} | "
           f"{_num(r['t_rel'] / r['xla_rel'], 2)} | {r['gflops']:.1f} | "
           f"{100 * r['peak_frac']:.0f}% |")
-  train = [r for r in rows if r["mode"] == "train"]
-  if train:
-    print("\nTraining steps, CPU time (getrusage, every thread of the process): user is XLA's "
-          "arithmetic, sys mostly the page faults of fresh buffers; user/dense is the paired "
-          "ratio of user time, what the step's arithmetic costs against dense's, beside its "
-          "MACs:\n")
-    print("| d_model | method | wall ms | dense wall ms | user ms | sys ms | user/dense | MACs |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|")
-    for r in train:
-      print(f"| {r['d_model']} | {r['method']} | {r['ms']:.1f} | {r['dense_ms']:.1f} | "
-            f"{r['user_ms']:.1f} | {r['sys_ms']:.1f} | {r['user_rel']:.3f} | "
-            f"{r['macs_rel']:.3f} |")
+  if rows:
+    print("\nCPU time of every row (getrusage, every thread of the process): user is XLA's "
+          "arithmetic, sys mostly the page faults of fresh buffers; threads = user / wall, how "
+          "many of the cores the row keeps busy; user/dense is the paired ratio of user time "
+          "(what the row's arithmetic costs against dense's) and CPU ratio that over the MACs: "
+          "where the wall ratio is above it, the time the row loses is cores left idle, not "
+          "arithmetic:\n")
+    print("| d_model | method | mode | wall ms | dense wall ms | user ms | sys ms | threads "
+          "| user/dense | MACs | CPU ratio |")
+    print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+      print(f"| {r['d_model']} | {r['method']} | {r['mode']} | {r['ms']:.1f} | "
+            f"{r['dense_ms']:.1f} | {r['user_ms']:.1f} | {r['sys_ms']:.1f} | "
+            f"{r['user_ms'] / r['ms']:.2f} | {r['user_rel']:.3f} | {r['macs_rel']:.3f} | "
+            f"{r['user_rel'] / r['macs_rel']:.2f} |")
   if units:
     print("\nProfile of the inference rows: the FFN alone (unit) against the dense FFN alone; "
           "rest = the dense model with d_ff 8 (attention, norms, head, inside the model), its "
@@ -680,12 +719,13 @@ def main(argv=None):
           "are what the model sows (the core's visible keys), executed what the program "
           "multiplies (the core: its causal query blocks, (n + 1) / 2n of the t x t square); "
           "GFLOP/s of the executed MACs:\n")
-    print("| d_model | part | ms | x dense FFN | GMACs counted | GMACs executed | GFLOP/s |")
-    print("|---:|---|---:|---:|---:|---:|---:|")
+    print("| d_model | part | ms | x dense FFN | GMACs counted | GMACs executed | GFLOP/s "
+          "| threads |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
     for r in attention_parts:
       print(f"| {r['d_model']} | {r['part']} | {r['ms']:.2f} | {r['t_vs_dense_ffn']:.3f} | "
             f"{r['macs_counted'] / 1e9:.3f} | {r['macs_executed'] / 1e9:.3f} | "
-            f"{r['gflops_executed']:.1f} |")
+            f"{r['gflops_executed']:.1f} | {r['threads']:.2f} |")
   if a.output:
     with open(a.output, "w") as f:
       json.dump({"peak_gflops": peak, "rows": rows, "units": units,
