@@ -28,36 +28,28 @@ import time
 
 
 def _interleaved(fns, args, rounds):
-  """{name: median seconds} and {name: median of per-round time over the first variant's}."""
+  """{name: median seconds}, {name: median of per-round time over the first variant's} and
+  {name: median of user CPU time over wall time}, how many cores a call keeps busy (getrusage
+  counts every thread of the process)."""
+  import resource  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   names = list(fns)
   for _ in range(2):
     for n in names:
       jax.block_until_ready(fns[n](*args[n]))
   times = {n: [] for n in names}
+  busy = {n: [] for n in names}
   for r in range(rounds):
     for n in (names if r % 2 == 0 else names[::-1]):
-      t0 = time.perf_counter()
+      r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
       jax.block_until_ready(fns[n](*args[n]))
-      times[n].append(time.perf_counter() - t0)
+      t1, r1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+      times[n].append(t1 - t0)
+      busy[n].append((r1.ru_utime - r0.ru_utime) / (t1 - t0))
   first = times[names[0]]
   rel = {n: statistics.median(a / b for a, b in zip(times[n], first)) for n in names}
-  return {n: statistics.median(times[n]) for n in names}, rel
-
-
-def _threads(fn, args, rounds):
-  """Median over `rounds` calls of user CPU time over wall time: how many cores a call keeps
-  busy (getrusage counts every thread of the process)."""
-  import resource  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  jax.block_until_ready(fn(*args))
-  ratios = []
-  for _ in range(rounds):
-    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    t1, r1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
-    ratios.append((r1.ru_utime - r0.ru_utime) / (t1 - t0))
-  return statistics.median(ratios)
+  return ({n: statistics.median(times[n]) for n in names}, rel,
+          {n: statistics.median(busy[n]) for n in names})
 
 
 def probe_ragged(d, rows, rounds):
@@ -83,7 +75,7 @@ def probe_ragged(d, rows, rounds):
     u = jax.random.uniform(k[5], (m,))
     routes = jnp.where(u < 0.2, duo.SKIP, jnp.where(u < 0.5, duo.SMALL, duo.BIG)).astype(jnp.int32)
     np.testing.assert_allclose(fns["ragged"](x, routes), fns["masked"](x, routes), atol=1e-4)
-    secs, rel = _interleaved(fns, {n: (x, routes) for n in fns}, rounds)
+    secs, rel, _ = _interleaved(fns, {n: (x, routes) for n in fns}, rounds)
     ideal = float(jnp.mean(jnp.where(routes == duo.BIG, 1.0,
                                      jnp.where(routes == duo.SMALL, 0.25, 0.0)))) / 1.25
     print(f"| {m} | {1e3 * secs['masked']:.2f} | {1e3 * secs['ragged']:.2f} | "
@@ -111,16 +103,15 @@ def probe_attention_core(batch, seq_len, heads, rounds):
           lambda q, k: jax.lax.map(lambda a: a[0] @ a[1].T, (q, k)), (q3, k3)),
   }
   fns = {n: jax.jit(fn) for n, (fn, _) in variants.items()}
-  secs, rel = _interleaved(fns, {n: a for n, (_, a) in variants.items()}, rounds)
+  secs, rel, threads = _interleaved(fns, {n: a for n, (_, a) in variants.items()}, rounds)
   macs = b * h * t * t * hd
   print(f"\nThe attention core's score product, batch {b} x {t} tokens, {h} heads of {hd} "
         f"({macs / 1e9:.3f} GMACs), median of {rounds} rounds:\n")
   print("| formulation | ms | x one matmul | GFLOP/s | threads |")
   print("|---|---:|---:|---:|---:|")
   for n in fns:
-    threads = _threads(fns[n], variants[n][1], rounds)
     print(f"| {n} | {1e3 * secs[n]:.2f} | {rel[n]:.2f} | {2 * macs / secs[n] / 1e9:.1f} | "
-          f"{threads:.2f} |", flush=True)
+          f"{threads[n]:.2f} |")
 
 
 def probe_causal_blocks(batch, seq_len, heads, rounds):
@@ -145,8 +136,8 @@ def probe_causal_blocks(batch, seq_len, heads, rounds):
           for n in counts}
   for n in counts[1:]:
     np.testing.assert_allclose(fwd[n](q, k, v), fwd[1](q, k, v), atol=1e-5)
-  f_secs, f_rel = _interleaved(fwd, {n: (q, k, v) for n in counts}, rounds)
-  b_secs, b_rel = _interleaved(both, {n: (q, k, v) for n in counts}, rounds)
+  f_secs, f_rel, _ = _interleaved(fwd, {n: (q, k, v) for n in counts}, rounds)
+  b_secs, b_rel, _ = _interleaved(both, {n: (q, k, v) for n in counts}, rounds)
   for n in counts:
     print(f"| {n} | {t // n} | {(n + 1) / (2 * n):.3f} | {1e3 * f_secs[n]:.2f} | "
           f"{f_rel[n]:.3f} | {1e3 * b_secs[n]:.2f} | {b_rel[n]:.3f} |", flush=True)

@@ -234,13 +234,18 @@ def _forward(model, mask):
   return jax.jit(forward)
 
 
+def _forward_call(model, mask, params, ids):
+  """The evaluation forward pass (`_forward`) as a call (fn, args) and its mean sown MACs per
+  token."""
+  fwd = _forward(model, mask)
+  return fwd, (params, ids), float(fwd(params, ids)[1])
+
+
 def _time_forward(model, mask, params, ids, repeats, ref=None, also=()):
   """timed_stats of the evaluation forward pass (`_forward`), with "macs" (its mean sown MACs
   per token) and "fn", "args" (the call, for the rows that interleave with it)."""
-  fwd = _forward(model, mask)
-  macs = float(fwd(params, ids)[1])
-  return dict(timed_stats(fwd, (params, ids), repeats, ref, also), macs=macs, fn=fwd,
-              args=(params, ids))
+  fwd, args, macs = _forward_call(model, mask, params, ids)
+  return dict(timed_stats(fwd, args, repeats, ref, also), macs=macs, fn=fwd, args=args)
 
 
 def _token_ids(a):
@@ -272,8 +277,9 @@ def calibrate_causal(model, params, ids, sparsity):
   quantile, as a trained model's pinball loss fits it on training data: layer by layer (a
   layer's inputs depend on the thresholds below it), tau_l halfway between the k-th and
   (k + 1)-th largest predictor logits of layer l over the tokens of `ids`, k = (1 - sparsity)
-  of them, so exactly k execute there: `measure` fits them on the timed batch, so a causal row
-  executes the work of its top-k twin and the two differ by the causal path's own costs. (On
+  of them, so exactly k execute there. Returns the params and each layer's executed fraction.
+  `measure` fits them on the timed batch, so a causal row executes the work of its top-k twin
+  and the two differ by the causal path's own costs. (On
   other data a trained threshold's count varies around its share, and the sown MACs follow
   it. The joint bisection of every layer's threshold used before left layers at 0.18-0.37
   of the tokens: the layers below moved after a layer's bracket had closed.)"""
@@ -283,10 +289,11 @@ def calibrate_causal(model, params, ids, sparsity):
 
   @jax.jit
   def run(params):
+    """Each layer's predictor logits [layers, b, t] and executed fraction [layers]."""
     _, mut = model.apply({"params": params}, ids, mutable=["intermediates"],
                          capture_intermediates=lambda module, _: module.name == "causal")
     ffn = mut["intermediates"]["blocks"]["ffn"]
-    return ffn["causal"]["__call__"][0][..., 0]
+    return ffn["causal"]["__call__"][0][..., 0], jnp.mean(ffn["executed"][0], axis=(1, 2))
 
   def with_threshold(tau):
     ffn = dict(params["blocks"]["ffn"], causal_threshold=jnp.asarray(tau, jnp.float32))
@@ -295,22 +302,14 @@ def calibrate_causal(model, params, ids, sparsity):
   tau = np.asarray(params["blocks"]["ffn"]["causal_threshold"], np.float32).copy()
   k = int(round((1 - sparsity) * ids.size))
   for layer in range(tau.shape[0]):
-    logits = np.sort(np.asarray(run(with_threshold(tau))[layer]).reshape(-1))[::-1]
+    logits = np.sort(np.asarray(run(with_threshold(tau))[0][layer]).reshape(-1))[::-1]
     if k == 0:
       tau[layer] = logits[0] + 1
     elif k == logits.size:
       tau[layer] = logits[-1] - 1
     else:
       tau[layer] = (logits[k - 1] + logits[k]) / 2
-  return with_threshold(tau)
-
-
-def causal_executed(model, params, ids):
-  """The fraction of the tokens of `ids` each routed FFN executes in the causal pass."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  _, mut = jax.jit(lambda p: model.apply({"params": p}, ids, mutable=["intermediates"]))(params)
-  return np.asarray(jnp.mean(mut["intermediates"]["blocks"]["ffn"]["executed"][0], axis=(1, 2)))
+  return with_threshold(tau), np.asarray(run(with_threshold(tau))[1])
 
 
 def unrolled_flops(files, bindings, mode, ids, batch):
@@ -357,12 +356,10 @@ def measure(name, d_model, a, refs):
       causal_b = sizes + train_b + infer_b + ["routed_ffn.decision = 'causal'"]
       c_model, c_mask, _ = build(files, causal_b)
       sparsity = c_model.config.ffn_cls.keywords["sparsity"]  # the bound routed_ffn
-      c_params = calibrate_causal(c_model, _init(c_model, ids), ids, sparsity)
-      frac = causal_executed(c_model, c_params, ids)
-      c_fwd = _forward(c_model, c_mask)
-      c_macs = float(c_fwd(c_params, ids)[1])
+      c_params, frac = calibrate_causal(c_model, _init(c_model, ids), ids, sparsity)
+      c_fwd, c_args, c_macs = _forward_call(c_model, c_mask, c_params, ids)
       res = _time_forward(model, mask, params, ids, a.repeats, refs["infer"],
-                          also=[(c_fwd, (c_params, ids))])
+                          also=[(c_fwd, c_args)])
       out["infer causal"] = dict(res.pop("also")[0], macs=c_macs, executed=float(np.mean(frac)),
                                  flops=unrolled_flops(files, causal_b, "infer", ids, batch))
     else:
