@@ -16,6 +16,8 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from adacomp import hostmem
+
 # A user's mistake (bad config, argument, data or checkpoint) raises one of these with a message
 # that names the cause and the fix; anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, PermissionError, FloatingPointError, FileNotFoundError)
@@ -32,7 +34,8 @@ def error(message: str, code: int = 1) -> None:
 
 def run(main: Callable[[], Optional[int]]) -> None:
   """absl's app.run around `main()`: libraries at WARNING unless --verbosity is given, stray
-  positional arguments refused, user errors as one ERROR line and exit code 1."""
+  positional arguments refused, user errors as one ERROR line and exit code 1; on the CPU,
+  malloc keeps XLA's freed buffers for the next call (`hostmem.keep_freed_memory`)."""
 
   def wrapped(argv):
     if not flags.FLAGS["verbosity"].present:
@@ -40,6 +43,8 @@ def run(main: Callable[[], Optional[int]]) -> None:
     if len(argv) > 1:
       raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     try:
+      # Before any jax computation: XLA's CPU threads then reuse freed buffers (adacomp.hostmem).
+      hostmem.keep_freed_memory()
       return main()
     except USER_ERRORS as e:
       error(str(e))

@@ -608,6 +608,8 @@ def main(argv=None):
   names = ["dense"] + [n for n in names if n != "dense"]
   a.modes = [m.strip() for m in a.modes.split(",")]
 
+  from adacomp import hostmem  # pylint: disable=g-import-not-at-top
+  kept = hostmem.keep_freed_memory()  # before jax's first computation, as cli.run does
   import jax  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top
   from adacomp import kernels  # pylint: disable=g-import-not-at-top
@@ -618,7 +620,8 @@ def main(argv=None):
   device = jax.devices()[0]
   print(f"device {device.device_kind} ({device.platform}), jax {jax.__version__}, float32; "
         f"matmul peak {peak:.1f} GFLOP/s; {a.num_layers} layers, batch {a.batch} x "
-        f"{a.seq_len} tokens, median of {a.repeats}", flush=True)
+        f"{a.seq_len} tokens, median of {a.repeats}; malloc "
+        f"{'keeps freed buffers (adacomp.hostmem)' if kept else 'default'}", flush=True)
   rows, units, attention_parts = [], [], []
   for d in [int(x) for x in a.d_models.split(",")]:
     results, refs = {}, {}
