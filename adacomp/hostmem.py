@@ -20,9 +20,9 @@ after some calls: XLA's `posix_memalign` splits small fragments off each block, 
 holds them, and they keep the freed block from merging with its neighbours, so a block of the
 same size does not fit back at first and the heap grows instead. A 113 MB temporary grew the
 heap over 2-16 calls before every call reused it (tests/adacomp/test_hostmem.py); the resident
-size ended at 956 MB against 415 MB with default malloc (526 MB, settled after 2 calls, with
+size ended at 956 MiB against 415 MiB with default malloc (526 MiB, settled after 2 calls, with
 `GLIBC_TUNABLES=glibc.malloc.tcache_count=0`, which only the environment can set). A
-`scripts/bench_research.py` run at d_model 1024 peaked at 6.9 GB against 5.6 GB.
+`scripts/bench_research.py` run at d_model 1024 peaked at 6.5 GiB against 5.4 GiB.
 
 It applies on Linux with glibc when jax will run on the CPU: JAX_PLATFORMS unset or naming cpu
 first, and no accelerator plugin installed. ADACOMP_HOST_MALLOC=default leaves malloc alone;
