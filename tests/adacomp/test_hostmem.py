@@ -27,7 +27,7 @@ f = jax.jit(lambda x: jnp.cumsum(jnp.sin(x), axis=0)[-1].sum()
 x = jnp.ones((3072, 3072))
 temp = f.lower(x).compile().memory_analysis().temp_size_in_bytes
 faults = []
-for _ in range(CALLS):
+for _ in range(int(sys.argv[1])):
   r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   jax.block_until_ready(f(x))
   faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)
@@ -42,8 +42,8 @@ def _probe(mode):
   env = dict(os.environ, ADACOMP_HOST_MALLOC=mode, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
   env.pop("GLIBC_TUNABLES", None)  # e.g. the benchmarks' glibc.malloc.hugetlb=1
-  out = subprocess.run([sys.executable, "-c", PROBE.replace("CALLS", str(CALLS))], env=env,
-                       capture_output=True, text=True, check=True, timeout=300)
+  out = subprocess.run([sys.executable, "-c", PROBE, str(CALLS)], env=env, capture_output=True,
+                       text=True, check=True, timeout=300)
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -54,12 +54,11 @@ def test_freed_temporaries_are_reused():
   assert not default["kept"] and kept["kept"]
   pages = default["temp"] / 4096
   assert pages > 64 * 2 ** 20 / 4096  # over a thread arena's heap: mmap-ed each call
-  faulted = lambda r: sum(f > 0.5 * pages for f in r["faults"][-SETTLED:])
   # glibc maps the temporaries afresh on every call: each of their pages faults again.
   assert all(f > 0.9 * pages for f in default["faults"][-SETTLED:]), default["faults"]
   # Kept in the heap: once it has settled, a call finds its pages already there (a late
   # regrowth of the heap now and then faults one call's worth again).
-  assert faulted(kept) <= 2, kept["faults"]
+  assert sum(f > 0.05 * pages for f in kept["faults"][-SETTLED:]) <= 2, kept["faults"]
 
 
 def test_bad_mode_names_the_choices(monkeypatch):
